@@ -1,0 +1,43 @@
+"""Our attention implementation, registered with transformers under the name "rapid".
+
+The mask function builds one boolean mask per forward (shared by every layer): `None` for a single
+decode query (it sees the whole cache), a causal mask offset by the cache length for prefill chunks.
+Tree verification passes its own 4D boolean mask, which transformers hands through unchanged.
+The attention function calls SDPA with `enable_gqa=True`: the stock sdpa path repeats K/V per query head
+when a mask is given (four copies of the cache for a 4-way GQA group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "rapid"
+
+
+def rapid_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+               mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Boolean mask [B, 1, q, kv] (True = attend), or None when one query sees every key."""
+    if q_length == 1 and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    kwargs["allow_is_causal_skip"] = False  # SDPA's is_causal aligns top-left: wrong with a cache
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def rapid_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """query [B, H, q, D], key / value [B, Hkv, S, D], mask [B|1, 1, q, S] bool -> [B, q, H, D]."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask > -1  # additive float masks: 0 keeps, -inf drops
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    AttentionInterface.register(ATTENTION_NAME, rapid_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, rapid_mask)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from rapid.cache import CacheFullError, KVCache
+
+
+def _decode_path(runner, prompt, path):
+    cache = runner.new_cache(64)
+    runner.prefill(cache, prompt)
+    for token in path:
+        runner.decode(cache, token)
+    return cache
+
+
+def test_chunked_prefill_matches_one_pass(tiny, tiny_runner):
+    ids = torch.randint(0, 250, (1, 50))
+    reference = tiny.model(ids).logits[0, -1]
+    cache = tiny_runner.new_cache(64)
+    logits = tiny_runner.prefill(cache, ids[0])
+    assert cache.length == 50
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_commit_equals_decoding_the_accepted_path(tiny_runner):
+    prompt = list(range(10, 30))
+    # tree: 0 -> (1, 2), 2 -> 3, 3 -> 4; accepted path 0, 2, 3
+    tokens = torch.tensor([5, 6, 7, 8, 9])
+    parents = [-1, 0, 0, 2, 3]
+    depths = torch.tensor([0, 1, 1, 2, 3])
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        mask[node, node] = True
+        while parent >= 0:
+            mask[node, parent] = True
+            parent = parents[parent]
+    cache = tiny_runner.new_cache(64)
+    tiny_runner.prefill(cache, prompt)
+    tiny_runner.score_tree(cache, tokens, depths, mask)
+    cache.commit(len(prompt), torch.tensor([0, 2, 3]))
+    expected = _decode_path(tiny_runner, prompt, [5, 7, 8])
+    assert cache.length == expected.length == len(prompt) + 3
+    for ours, theirs in zip(cache.layers, expected.layers, strict=True):
+        torch.testing.assert_close(ours.keys[:, :, :cache.length], theirs.keys[:, :, :cache.length])
+        torch.testing.assert_close(ours.values[:, :, :cache.length], theirs.values[:, :, :cache.length])
+    # and the next step after the committed path agrees too
+    torch.testing.assert_close(tiny_runner.decode(cache, 9), tiny_runner.decode(expected, 9), atol=1e-5, rtol=1e-5)
+
+
+def test_tree_logits_equal_sequential_logits(tiny_runner):
+    prompt = list(range(40, 60))
+    tokens = torch.tensor([11, 12, 13])
+    depths = torch.tensor([0, 0, 1])  # two root children, the third under the second
+    mask = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    cache = tiny_runner.new_cache(64)
+    tiny_runner.prefill(cache, prompt)
+    tree_logits = tiny_runner.score_tree(cache, tokens, depths, mask)
+    for node, path in ((0, [11]), (1, [12]), (2, [12, 13])):
+        seq = tiny_runner.new_cache(64)
+        logits = tiny_runner.prefill(seq, prompt + path)
+        torch.testing.assert_close(tree_logits[node], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_truncate_and_capacity(tiny_runner):
+    cache = tiny_runner.new_cache(8)
+    tiny_runner.prefill(cache, list(range(6)))
+    cache.truncate(4)
+    assert cache.length == 4
+    with pytest.raises(ValueError):
+        cache.truncate(5)
+    with pytest.raises(CacheFullError):
+        tiny_runner.prefill(cache, list(range(5)))
+
+
+def test_cache_reports_lengths():
+    cache = KVCache(num_layers=2, capacity=16)
+    assert cache.length == 0 and cache.get_seq_length() == 0 and cache.get_max_length() == 16
