@@ -60,18 +60,27 @@ class ModelRunner:
         return out.logits[0, -1]
 
     @torch.inference_mode()
+    def score_nodes(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, tail_mask: torch.Tensor,
+                    tail_start: int) -> torch.Tensor:
+        """Append n nodes in one forward; returns logits [n, V].
+
+        tokens [n], positions [n]; every node sees the cache up to `tail_start`, and tail_mask
+        [n, cache.length + n - tail_start] bool says which later rows (cached ones, then the new
+        nodes themselves) each node sees.
+        """
+        n = tokens.shape[0]
+        mask = torch.ones(1, 1, n, cache.length + n, dtype=torch.bool, device=self.device)
+        mask[0, 0, :, tail_start:] = tail_mask.to(self.device)
+        out = self.model(input_ids=tokens.to(self.device)[None], cache=cache,
+                         position_ids=positions.to(self.device)[None], attention_mask=mask, use_cache=True)
+        return out.logits[0]
+
     def score_tree(self, cache: KVCache, tokens: torch.Tensor, depths: torch.Tensor,
                    tree_mask: torch.Tensor) -> torch.Tensor:
         """Append N tree nodes in one forward; returns logits [N, V].
 
-        tokens [N], depths [N] (root children have depth 0), tree_mask [N, N] bool (node sees node).
+        tokens [N], depths [N] (the root has depth 0), tree_mask [N, N] bool (node sees node).
         Node i sits at position prefix_len + depths[i] and sees the whole prefix plus its ancestors.
         """
         prefix = cache.length
-        n = tokens.shape[0]
-        mask = torch.ones(1, 1, n, prefix + n, dtype=torch.bool, device=self.device)
-        mask[0, 0, :, prefix:] = tree_mask
-        positions = (prefix + depths.to(self.device))[None]
-        out = self.model(input_ids=tokens.to(self.device)[None], cache=cache, position_ids=positions,
-                         attention_mask=mask, use_cache=True)
-        return out.logits[0]
+        return self.score_nodes(cache, tokens, prefix + depths, tree_mask, tail_start=prefix)

@@ -1,0 +1,48 @@
+"""The retrieval drafter: continuations copied from the document (REST / prompt lookup, RASD).
+
+No model: the token datastore finds the longest suffix of the recent tokens (question + answer so far)
+that occurs in the document or in the answer itself, and its continuations become deterministic
+tree nodes scored by their counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rapid.tree import SOURCE_RETRIEVAL, TokenTree, trim
+from retrieval.datastore import TokenDatastore
+
+
+@dataclass(frozen=True)
+class RetrievalDraftConfig:
+    score_weight: float = 1.0  # multiplies retrieval path probabilities when fused with a model's tree
+
+    def __post_init__(self) -> None:
+        if not 0 < self.score_weight <= 1:
+            raise ValueError(f"score_weight must be in (0, 1], got {self.score_weight}")
+
+
+class RetrievalDrafter:
+    kind = "retrieval"
+
+    def __init__(self, datastore: TokenDatastore, query_ids: list[int],
+                 config: RetrievalDraftConfig = RetrievalDraftConfig()):
+        self.datastore = datastore
+        self.config = config
+        self.recent = list(query_ids)
+        self.generated: list[int] = []
+
+    def start(self) -> None:
+        pass
+
+    def propose(self, new_tokens: list[int], budget: int) -> TokenTree:
+        self.recent += new_tokens
+        self.generated += new_tokens
+        found = self.datastore.lookup(self.recent, extra=self.generated)
+        tree = TokenTree.root(new_tokens[-1])
+        index = {-1: 0}
+        for i in range(len(found)):
+            parent = index[int(found.parents[i])]
+            score = tree.scores[parent] * float(found.probs[i]) * (self.config.score_weight if parent == 0 else 1)
+            index[i] = tree.add(parent, int(found.tokens[i]), score, SOURCE_RETRIEVAL)
+        return trim(tree, budget)

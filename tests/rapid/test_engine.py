@@ -1,0 +1,121 @@
+"""Temperature 0: the engine's output is the target's own greedy output, for every drafter and shape."""
+
+import pytest
+import torch
+
+from rapid.drafters.model import DraftConfig, ModelDrafter, layer_skip_view
+from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.engine import EngineConfig, SpeculativeEngine
+from rapid.generate import GenerationConfig, generate_all
+from rapid.metrics import SpecStats
+from rapid.runner import ModelRunner
+from rapid.sampling import SamplingConfig
+from rapid.verify import VerifyConfig
+from retrieval.datastore import TokenDatastore
+
+CHAIN = DraftConfig(max_depth=4, branch=1, width=1, min_path_prob=0.0)
+TREE = DraftConfig(max_depth=3, branch=2, width=2, min_path_prob=0.0)
+
+
+def run_engine(runner, prompt, drafters, config):
+    engine = SpeculativeEngine(runner, config)
+    cache = runner.new_cache(config.capacity(len(prompt)))
+    stats = SpecStats()
+    out = [token for chunk in engine.generate(cache, prompt, drafters, stats) for token in chunk]
+    return out, stats
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_runner):
+    gen = torch.Generator().manual_seed(0)
+    document = torch.randint(0, 255, (200,), generator=gen).tolist()
+    question = torch.randint(0, 255, (8,), generator=gen).tolist()
+    reference = generate_all(tiny_runner, document + question, GenerationConfig(max_new_tokens=30))
+    # a datastore that contains part of the answer, so retrieval drafts get accepted sometimes
+    datastore = TokenDatastore.build([document + reference[:15]])
+    return document, question, reference, datastore
+
+
+def drafters_for(name, runner, tiny, document, question, datastore, shape):
+    rag = document[-40:] + question
+    if name == "self":
+        return [ModelDrafter(runner, rag, 64, shape, SamplingConfig())]
+    if name == "layer-skip":
+        return [ModelDrafter(ModelRunner(layer_skip_view(tiny.model, 1)), rag, 64, shape, SamplingConfig())]
+    if name == "retrieval":
+        return [RetrievalDrafter(datastore, question)]
+    if name == "fused":
+        return [ModelDrafter(runner, rag, 64, shape, SamplingConfig()), RetrievalDrafter(datastore, question)]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("shape", [CHAIN, TREE], ids=["chain", "tree"])
+@pytest.mark.parametrize("name", ["self", "layer-skip", "retrieval", "fused"])
+def test_greedy_output_equals_the_target(tiny, tiny_runner, workload, name, shape):
+    document, question, reference, datastore = workload
+    drafters = drafters_for(name, tiny_runner, tiny, document, question, datastore, shape)
+    out, stats = run_engine(tiny_runner, document + question, drafters, EngineConfig(max_new_tokens=30))
+    assert out == reference
+    assert stats.num_emitted_tokens == 30 and stats.num_drafts > 0
+
+
+def test_retrieval_drafts_are_accepted_when_the_answer_is_in_the_document(tiny_runner, workload):
+    document, question, reference, _ = workload
+    datastore = TokenDatastore.build([document + question + reference])
+    out, stats = run_engine(tiny_runner, document + question, [RetrievalDrafter(datastore, question)],
+                            EngineConfig(max_new_tokens=30))
+    assert out == reference
+    assert stats.mean_acceptance_length > 2
+
+
+def test_stop_tokens_and_max_new_tokens(tiny_runner, workload):
+    document, question, reference, datastore = workload
+    stop = reference[10]
+    first = reference.index(stop)
+    config = EngineConfig(max_new_tokens=30, stop_token_ids=(stop,))
+    out, _ = run_engine(tiny_runner, document + question, [RetrievalDrafter(datastore, question)], config)
+    assert out == reference[:first + 1]
+    out, _ = run_engine(tiny_runner, document + question, [RetrievalDrafter(datastore, question)],
+                        EngineConfig(max_new_tokens=7))
+    assert out == reference[:7]
+
+
+def test_same_seed_same_sampled_output(tiny_runner, workload):
+    document, question, _, datastore = workload
+    sampled = SamplingConfig(temperature=0.8, seed=5)
+    config = EngineConfig(max_new_tokens=20, verify=VerifyConfig(sampling=sampled))
+
+    def once():
+        drafters = [ModelDrafter(tiny_runner, document[-40:] + question, 64, CHAIN, sampled,
+                                 torch.Generator().manual_seed(3)), RetrievalDrafter(datastore, question)]
+        return run_engine(tiny_runner, document + question, drafters, config)[0]
+
+    assert once() == once()
+
+
+def test_cache_too_small_is_refused(tiny_runner):
+    engine = SpeculativeEngine(tiny_runner, EngineConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="cache holds"):
+        next(engine.generate(tiny_runner.new_cache(12), list(range(10)), []))
+
+
+@pytest.mark.slow
+def test_greedy_equality_on_the_default_model(default_lm):
+    tok = default_lm.tokenizer
+    document = ("The lighthouse keeper's log for the winter of 1893 records storms on eleven nights. "
+                "On the third of February the lamp failed for an hour and the keeper, Amos Pell, "
+                "relit it by hand. ") * 12
+    messages = [{"role": "user", "content": f"{document}\n\nWho relit the lamp, and when?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    runner = ModelRunner(default_lm.model, prefill_chunk=256)
+    reference = generate_all(runner, prompt, GenerationConfig(max_new_tokens=24))
+    doc_ids = tok(document, add_special_tokens=False).input_ids
+    datastore = TokenDatastore.build([doc_ids])
+    question_ids = prompt[-20:]
+    for drafters in (
+        [RetrievalDrafter(datastore, question_ids)],
+        [ModelDrafter(runner, prompt[-120:], 64, TREE, SamplingConfig()), RetrievalDrafter(datastore, question_ids)],
+        [ModelDrafter(ModelRunner(layer_skip_view(default_lm.model, 8)), prompt[-120:], 64, CHAIN, SamplingConfig())],
+    ):
+        out, stats = run_engine(runner, prompt, drafters, EngineConfig(max_new_tokens=24))
+        assert out == reference
