@@ -47,9 +47,7 @@ class RagContextConfig:
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {self.max_tokens}")
         if not -1.0 <= self.similarity_threshold <= 1.0:
-            raise ValueError(
-                f"similarity_threshold must be a cosine in [-1, 1], got {self.similarity_threshold}"
-            )
+            raise ValueError(f"similarity_threshold must be a cosine in [-1, 1], got {self.similarity_threshold}")
         if any(int(t) < 0 for t in self.separator):
             raise ValueError("separator token ids must be >= 0")
 
@@ -79,9 +77,7 @@ class RagContext:
     whole_document: bool  # the document fit in the budget and is the context as is
 
 
-def select_chunks(
-    hits: SearchHits, chunks: Sequence[Chunk], config: RagContextConfig, budget: int
-) -> list[int]:
+def select_chunks(hits: SearchHits, chunks: Sequence[Chunk], config: RagContextConfig, budget: int) -> list[int]:
     """Chunk indices kept from best-first `hits` (first query row) under the budget and threshold."""
     kept: list[int] = []
     used = 0
@@ -121,9 +117,7 @@ def source_spans(kept: Sequence[int], chunks: Sequence[Chunk], hits: SearchHits)
     """Citation spans of the kept chunks in document order, with their scores from `hits`."""
     scores = dict(zip(hits.ids[0].tolist(), hits.scores[0].tolist(), strict=True))
     return [
-        SourceSpan(
-            i, chunks[i].token_start, chunks[i].token_end, chunks[i].char_start, chunks[i].char_end, scores[i]
-        )
+        SourceSpan(i, chunks[i].token_start, chunks[i].token_end, chunks[i].char_start, chunks[i].char_end, scores[i])
         for i in sorted(kept, key=lambda i: chunks[i].token_start)
     ]
 
@@ -143,13 +137,9 @@ class RagContextBuilder:
         if index.count != len(chunks):
             raise ValueError(f"the index holds {index.count} vectors but there are {len(chunks)} chunks")
         if chunks and chunks[-1].token_end != len(self.token_ids):
-            raise ValueError(
-                f"the chunks end at token {chunks[-1].token_end}; the document has {len(self.token_ids)}"
-            )
+            raise ValueError(f"the chunks end at token {chunks[-1].token_end}; the document has {len(self.token_ids)}")
         if index.embedder_name != embedder.name:
-            raise ValueError(
-                f"the index was built with {index.embedder_name!r}, the embedder is {embedder.name!r}"
-            )
+            raise ValueError(f"the index was built with {index.embedder_name!r}, the embedder is {embedder.name!r}")
         self.embedder = embedder
         self.index = index
         self.chunks = list(chunks)

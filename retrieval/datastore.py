@@ -151,8 +151,8 @@ class TokenDatastore:
         """
         config = self.config
         stored = self.longest_match(query)
-        buffer = np.asarray(extra, dtype=np.int64).reshape(-1)
-        buffer = buffer[max(0, len(buffer) - config.max_extra_tokens) :]
+        buffer = np.asarray(extra[-config.max_extra_tokens :] if config.max_extra_tokens else [])
+        buffer = buffer.astype(np.int64).reshape(-1)  # [<= max_extra_tokens]
         scanned = scan_longest_suffix(buffer, query, config.max_query_tokens)
         length = max(stored.length, scanned.length)
         if length < config.min_match_tokens:
@@ -215,7 +215,7 @@ class TokenDatastore:
 
 def query_tail(query: Sequence[int] | np.ndarray, max_tokens: int) -> list[int]:
     """The last `max_tokens` ids of `query` as Python ints, checked to be valid token ids."""
-    tail = np.asarray(query, dtype=np.int64).reshape(-1)[-max_tokens:].tolist()
+    tail = np.asarray(query[-max_tokens:], dtype=np.int64).reshape(-1).tolist()  # slice first: O(max_tokens)
     if any(t < 0 for t in tail):
         raise ValueError("query token ids must be >= 0")
     return tail

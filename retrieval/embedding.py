@@ -11,10 +11,14 @@ embedded, and the text's vector is the normalized mean of its window vectors.
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.chunking import ChunkConfig, chunk_text
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 
@@ -58,18 +62,13 @@ class Embedder:
         return DEFAULT_MODEL_NAME if self.config.model_dir is None else self.model_dir.name
 
     @property
-    def model(self):
+    def model(self) -> "SentenceTransformer":
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            if (
-                not (self.model_dir / "modules.json").is_file()
-                and not (self.model_dir / "config.json").is_file()
-            ):
+            if not (self.model_dir / "modules.json").is_file() and not (self.model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"{self.model_dir} is not a sentence-transformers model directory")
-            self._model = SentenceTransformer(
-                str(self.model_dir), device=self.config.device, local_files_only=True
-            )
+            self._model = SentenceTransformer(str(self.model_dir), device=self.config.device, local_files_only=True)
         return self._model
 
     @property

@@ -62,9 +62,7 @@ class ChunkIndex:
         return int(self.index.ntotal)
 
     @classmethod
-    def build(
-        cls, vectors: np.ndarray, embedder_name: str, config: IndexConfig | None = None
-    ) -> "ChunkIndex":
+    def build(cls, vectors: np.ndarray, embedder_name: str, config: IndexConfig | None = None) -> "ChunkIndex":
         """Index unit vectors [N, D] (N may be 0); exact or HNSW by `config.exact_max_vectors`."""
         config = config or IndexConfig()
         x = check_unit_vectors(vectors, "vectors")
@@ -129,9 +127,7 @@ class ChunkIndex:
         if INDEX_FILE not in manifest["files"]:
             raise IndexFormatError(directory / "manifest.json", f"does not list {INDEX_FILE}")
         if embedder_name is not None and saved_embedder != embedder_name:
-            raise IndexFormatError(
-                path, f"built with embedder {saved_embedder!r}, expected {embedder_name!r}"
-            )
+            raise IndexFormatError(path, f"built with embedder {saved_embedder!r}, expected {embedder_name!r}")
         if dim is not None and saved_dim != dim:
             raise IndexFormatError(path, f"has dim {saved_dim}, expected {dim}")
         if count is not None and saved_count != count:

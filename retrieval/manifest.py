@@ -42,9 +42,7 @@ def write_manifest(directory: Path, format_name: str, version: int, fields: dict
     tmp.replace(directory / MANIFEST_NAME)
 
 
-def read_manifest(
-    directory: Path, format_name: str, version: int, error: type[FormatError] = FormatError
-) -> dict:
+def read_manifest(directory: Path, format_name: str, version: int, error: type[FormatError] = FormatError) -> dict:
     """Read and check `directory/manifest.json`; verify every listed file's checksum; return the manifest."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
@@ -70,9 +68,7 @@ def read_manifest(
             raise error(file, "missing file listed in the manifest")
         actual = file_sha256(file)
         if actual != expected:
-            raise error(
-                file, f"sha256 {actual} does not match the manifest's {expected} (corrupt or truncated)"
-            )
+            raise error(file, f"sha256 {actual} does not match the manifest's {expected} (corrupt or truncated)")
     return manifest
 
 

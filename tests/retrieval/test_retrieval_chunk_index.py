@@ -131,9 +131,7 @@ def test_mismatched_index_is_refused(saved, expected, message):
 
 
 def test_a_chunk_retrieves_itself_first(embedder):
-    text = make_haystack(
-        6000, "The lighthouse keeper hid the silver key under the blue stone.", 0.6, seed=3
-    ).text
+    text = make_haystack(6000, "The lighthouse keeper hid the silver key under the blue stone.", 0.6, seed=3).text
     chunks = chunk_text(text, WordTokenizer(), ChunkConfig(chunk_tokens=64)).chunks
     vectors = embedder.embed([c.text for c in chunks])
     index = ChunkIndex.build(vectors, embedder.name)

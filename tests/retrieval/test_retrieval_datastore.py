@@ -64,9 +64,7 @@ def test_scan_worked_example():
     max_query=st.integers(1, 8),
 )
 def test_agrees_with_brute_force(documents, query, extra, max_query):
-    config = DatastoreConfig(
-        max_query_tokens=max_query, max_depth=4, max_branches=100, max_occurrences=10_000
-    )
+    config = DatastoreConfig(max_query_tokens=max_query, max_depth=4, max_branches=100, max_occurrences=10_000)
     store = TokenDatastore.build(documents, config)
     expected_length, expected_counts = reference_lookup([*documents, extra], query, max_query, depth=4)
     tree = store.lookup(query, extra=extra)
@@ -75,10 +73,7 @@ def test_agrees_with_brute_force(documents, query, extra, max_query):
     # the datastore alone, against the naive search over the documents only
     stored_length, _ = reference_lookup(documents, query, max_query, depth=4)
     assert store.longest_match(query).length == stored_length
-    assert (
-        scan_longest_suffix(extra, query, max_query).length
-        == reference_lookup([extra], query, max_query, 4)[0]
-    )
+    assert scan_longest_suffix(extra, query, max_query).length == reference_lookup([extra], query, max_query, 4)[0]
 
 
 def test_matches_do_not_cross_documents():
@@ -197,3 +192,11 @@ def test_inconsistent_arrays_are_refused(tmp_path):
     rewrite_with_checksum(directory, "entries.npy", store.entries.astype(np.float64))
     with pytest.raises(DatastoreFormatError, match="1-D"):
         TokenDatastore.load(directory)
+
+
+def test_only_the_query_tail_is_read():
+    store = TokenDatastore.build([list(range(50))], DatastoreConfig(max_query_tokens=4))
+    long_query = [99] * 100_000 + [10, 11, 12]
+    tree = store.lookup(long_query, extra=np.array(long_query))
+    assert tree.match_length == 3 and tree.path(0) == [13]
+    assert tree_prefix_counts(tree) == tree_prefix_counts(store.lookup(long_query[-4:]))

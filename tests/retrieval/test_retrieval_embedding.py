@@ -66,9 +66,7 @@ def test_names():
 
 
 def test_minilm_vectors(embedder):
-    vectors = embedder.embed(
-        ["The cat sat on the mat.", "A feline rested on a rug.", "Quarterly tax filing."]
-    )
+    vectors = embedder.embed(["The cat sat on the mat.", "A feline rested on a rug.", "Quarterly tax filing."])
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]

