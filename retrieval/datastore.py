@@ -71,7 +71,7 @@ class SuffixMatch:
     """The longest matched query suffix and where its occurrences' continuations start."""
 
     length: int
-    starts: np.ndarray  # [M] int64 positions right after each occurrence
+    starts: np.ndarray  # [M] positions right after each occurrence (int32 or int64)
 
 
 class TokenDatastore:
@@ -130,7 +130,7 @@ class TokenDatastore:
             lo, hi, length = new_lo, new_hi, back + 1
         if length == 0:
             return SuffixMatch(0, np.zeros(0, dtype=np.int64))
-        return SuffixMatch(length, self.entries[lo:hi].astype(np.int64))
+        return SuffixMatch(length, self.entries[lo:hi])  # a view: no copy of a large match range
 
     def continuations(self, starts: np.ndarray) -> list[list[int]]:
         """The next `max_depth` tokens after each start, cut at the end of its document."""
