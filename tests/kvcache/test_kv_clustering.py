@@ -1,0 +1,111 @@
+import pytest
+import torch
+from kv_synthetic import HEAD_DIM, NUM_KV_HEADS, planted_keys
+
+from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments, ranges_to_indices, spherical_kmeans
+
+
+def test_config_validates_and_bounds_cluster_count():
+    config = ClusterConfig(fraction=0.05, min_clusters=16, max_clusters=1000)
+    assert config.num_clusters(100_000) == 1000
+    assert config.num_clusters(10_000) == 500
+    assert config.num_clusters(100) == 16
+    assert config.num_clusters(10) == 10
+    for bad in (
+        dict(fraction=0.0),
+        dict(min_clusters=0),
+        dict(min_clusters=5, max_clusters=4),
+        dict(iterations=0),
+        dict(coarse_fraction=1.0),
+    ):
+        with pytest.raises(ValueError):
+            ClusterConfig(**bad)
+
+
+def test_ranges_to_indices_docstring_example():
+    offsets = torch.tensor([0, 3, 5, 9])
+    selected = torch.tensor([True, False, True])
+    assert ranges_to_indices(offsets, selected).tolist() == [0, 1, 2, 5, 6, 7, 8]
+    assert ranges_to_indices(offsets, torch.zeros(3, dtype=torch.bool)).tolist() == []
+
+
+def test_layout_docstring_example_with_an_empty_cluster():
+    keys = torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0]).view(1, 5, 1)
+    layer = layer_from_assignments(keys, -keys, torch.tensor([[2, 0, 2, 0, 0]]), num_clusters=3)
+    assert layer.permutation.tolist() == [[1, 3, 4, 0, 2]]
+    assert layer.sizes.tolist() == [[3, 0, 2]]
+    assert layer.offsets.tolist() == [[0, 3, 3, 5]]
+    assert layer.keys.flatten().tolist() == [1.0, 3.0, 5.0, 0.0, 2.0]
+    assert layer.values.flatten().tolist() == [-1.0, -3.0, -5.0, -0.0, -2.0]
+    assert layer.centroids.flatten().tolist() == [3.0, 0.0, 1.0]
+
+
+def test_cluster_layer_invariants():
+    keys, _, _ = planted_keys(1000, num_directions=12, seed=0)
+    values = torch.randn_like(keys)
+    layer = cluster_layer(keys, values, ClusterConfig(fraction=0.05))
+    assert layer.centroids.shape == (NUM_KV_HEADS, 50, HEAD_DIM)
+    for head in range(NUM_KV_HEADS):
+        permutation = layer.permutation[head]
+        assert torch.equal(torch.sort(permutation).values, torch.arange(1000))
+        assert torch.equal(layer.keys[head], keys[head, permutation])
+        assert torch.equal(layer.values[head], values[head, permutation])
+        offsets = layer.offsets[head]
+        assert offsets[0] == 0 and offsets[-1] == 1000
+        assert torch.equal(offsets[1:] - offsets[:-1], layer.sizes[head])
+        for cluster in range(0, 50, 7):
+            members = layer.keys[head, offsets[cluster] : offsets[cluster + 1]]
+            if len(members):
+                torch.testing.assert_close(members.mean(0), layer.centroids[head, cluster])
+    restored_keys, restored_values = layer.original_order()
+    assert torch.equal(restored_keys, keys) and torch.equal(restored_values, values)
+
+
+def test_cluster_layer_keeps_the_cache_dtype():
+    keys, _, _ = planted_keys(300, num_directions=4, seed=1)
+    layer = cluster_layer(keys.bfloat16(), keys.bfloat16(), ClusterConfig(min_clusters=8))
+    assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
+    assert layer.centroids.dtype == torch.float32
+    assert torch.equal(layer.original_order()[0], keys.bfloat16())
+
+
+def test_spherical_kmeans_never_mixes_planted_directions_and_is_seeded():
+    # Over-clustered like a KV cache (C = 4x the true groups): no cluster mixes two directions.
+    keys, _, labels = planted_keys(2000, num_directions=8, seed=2, noise=0.05)
+    assignments = spherical_kmeans(keys, 32, iterations=10, seed=0)
+    for head in range(NUM_KV_HEADS):
+        for cluster in range(32):
+            assert len(torch.unique(labels[head, assignments[head] == cluster])) <= 1
+    assert torch.equal(assignments, spherical_kmeans(keys, 32, iterations=10, seed=0))
+    # Norm does not matter (up to rounding of the normalisation): clustering is on directions.
+    scaled = keys * (0.1 + 5 * torch.rand(NUM_KV_HEADS, 2000, 1))
+    assert (assignments == spherical_kmeans(scaled, 32, iterations=10, seed=0)).float().mean() > 0.99
+
+
+def test_spherical_kmeans_reseeds_empty_clusters():
+    # 40 distinct points, 40 clusters, an initialisation that shares points would leave clusters empty.
+    points = torch.randn(NUM_KV_HEADS, 40, HEAD_DIM)
+    assignments = spherical_kmeans(points, 40, iterations=3, seed=0)
+    for head in range(NUM_KV_HEADS):
+        assert len(torch.unique(assignments[head])) == 40
+
+
+def test_coarse_level_partitions_the_fine_clusters():
+    keys, _, _ = planted_keys(2000, num_directions=10, seed=3)
+    layer = cluster_layer(keys, keys, ClusterConfig(fraction=0.05, coarse_fraction=0.1))
+    coarse = layer.coarse
+    assert coarse is not None and coarse.centroids.shape == (NUM_KV_HEADS, 10, HEAD_DIM)
+    assert torch.equal(coarse.offsets[:, 0], torch.zeros(NUM_KV_HEADS, dtype=torch.int64))
+    assert torch.equal(coarse.offsets[:, -1], torch.full((NUM_KV_HEADS,), 100))
+    fine_to_coarse = coarse.fine_to_coarse()
+    for head in range(NUM_KV_HEADS):
+        for group in range(10):
+            start, end = coarse.offsets[head, group], coarse.offsets[head, group + 1]
+            assert (fine_to_coarse[head, start:end] == group).all()
+            assert coarse.sizes[head, group] == layer.sizes[head, start:end].sum()
+            if coarse.sizes[head, group]:
+                token_start, token_end = layer.offsets[head, start], layer.offsets[head, end]
+                members = layer.keys[head, token_start:token_end]
+                torch.testing.assert_close(members.mean(0), coarse.centroids[head, group])
+    # The renumbering keeps the layout invariants.
+    assert torch.equal(layer.keys, keys.gather(1, layer.permutation[..., None].expand(-1, -1, HEAD_DIM)))
