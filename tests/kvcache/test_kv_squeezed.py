@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+from kv_synthetic import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALING, ancestor_mask, planted_keys, random_tree_mask
+
+from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments
+from kvcache.selection import ThresholdRule, TopBudgetRule
+from kvcache.squeezed import SqueezeStats, dense_attention, squeezed_attention
+
+NUM_DOC, NUM_PREFIX = 2000, 6
+EVERY_CLUSTER = (
+    TopBudgetRule(1.0),
+    ThresholdRule(torch.full((NUM_KV_HEADS,), -math.inf)),
+    TopBudgetRule(1.0, expand_fraction=1.0),
+)
+
+
+@pytest.fixture(scope="module")
+def document():
+    keys, directions, _ = planted_keys(NUM_DOC, num_directions=16, seed=0)
+    values = torch.randn(NUM_KV_HEADS, NUM_DOC, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    layer = cluster_layer(keys, values, ClusterConfig(fraction=0.05, coarse_fraction=0.2))
+    return keys, values, directions, layer
+
+
+def tail(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, NUM_KV_HEADS, num_tokens, HEAD_DIM, generator=generator),
+        torch.randn(1, NUM_KV_HEADS, num_tokens, HEAD_DIM, generator=generator),
+    )
+
+
+def queries(num_queries: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(1, NUM_HEADS, num_queries, HEAD_DIM, generator=generator)
+
+
+def test_ancestor_mask_helper():
+    assert ancestor_mask([-1, 0, 0, 1]).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("rule", EVERY_CLUSTER, ids=["top_budget", "threshold", "hierarchical"])
+def test_decode_with_every_cluster_equals_dense(document, rule):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=2)
+    query = queries(1, seed=3)
+    stats = SqueezeStats()
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, stats)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    assert out.shape == (1, NUM_HEADS, 1, HEAD_DIM)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert stats.read_fraction == 1.0 and stats.selected_fraction == 1.0
+
+
+@pytest.mark.parametrize("rule", EVERY_CLUSTER, ids=["top_budget", "threshold", "hierarchical"])
+def test_tree_with_every_cluster_equals_dense(document, rule):
+    keys, values, _, layer = document
+    num_nodes = 16
+    tail_keys, tail_values = tail(NUM_PREFIX + num_nodes, seed=4)
+    tail_mask = random_tree_mask(num_nodes, NUM_PREFIX, seed=5)
+    query = queries(num_nodes, seed=6)
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, tail_mask, SCALING)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_reference_ignores_key_order(document):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=7)
+    query = queries(3, seed=8)
+    torch.testing.assert_close(
+        dense_attention(query, layer.keys, layer.values, tail_keys, tail_values, None, SCALING),
+        dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING),
+    )
+
+
+def test_tail_mask_is_respected(document):
+    _, _, _, layer = document
+    num_nodes = 8
+    tail_keys, tail_values = tail(NUM_PREFIX + num_nodes, seed=9)
+    tail_mask = random_tree_mask(num_nodes, NUM_PREFIX, seed=10)
+    query = queries(num_nodes, seed=11)
+    rule = TopBudgetRule(0.3)
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING)
+    all_visible = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING)
+    torch.testing.assert_close(
+        all_visible, squeezed_attention(query, layer, rule, tail_keys, tail_values, torch.ones_like(tail_mask), SCALING)
+    )
+    # Changing a token hidden from a node leaves that node's output exactly as it was.
+    hidden = NUM_PREFIX + num_nodes - 1  # the last node: only it (and descendants, none) can see itself
+    changed_keys, changed_values = tail_keys.clone(), tail_values.clone()
+    changed_keys[..., hidden, :] += 5.0
+    changed_values[..., hidden, :] -= 5.0
+    changed = squeezed_attention(query, layer, rule, changed_keys, changed_values, tail_mask, SCALING)
+    blind = ~tail_mask[:, hidden]
+    assert blind.any() and not blind.all()
+    assert torch.equal(changed[:, :, blind], out[:, :, blind])
+    assert not torch.allclose(changed[:, :, ~blind], out[:, :, ~blind])
+
+
+def test_each_tree_query_gets_what_it_would_get_alone(document):
+    _, _, _, layer = document
+    num_nodes = 5
+    tail_keys, tail_values = tail(NUM_PREFIX + num_nodes, seed=12)
+    tail_mask = random_tree_mask(num_nodes, NUM_PREFIX, seed=13)
+    query = queries(num_nodes, seed=14)
+    for rule in (TopBudgetRule(0.1), TopBudgetRule(0.1, expand_fraction=0.3)):
+        stats = SqueezeStats()
+        together = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING, stats)
+        for node in range(num_nodes):
+            alone = squeezed_attention(
+                query[:, :, node : node + 1], layer, rule, tail_keys, tail_values, tail_mask[node : node + 1], SCALING
+            )
+            torch.testing.assert_close(together[:, :, node : node + 1], alone, atol=1e-6, rtol=1e-6)
+        # The union over the nodes is read, each node attends to about its own 10%.
+        assert stats.selected_fraction < stats.read_fraction < 1.0
+        assert 0.1 <= stats.selected_fraction < 0.2
+
+
+def test_gqa_heads_of_a_group_share_its_kv_head(document):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=15)
+    query = queries(2, seed=16)
+    out = squeezed_attention(query, layer, TopBudgetRule(1.0), tail_keys, tail_values, None, SCALING)
+    group = NUM_HEADS // NUM_KV_HEADS
+    for head in range(NUM_HEADS):
+        kv = head // group  # transformers' repeat_kv layout
+        all_keys = torch.cat([keys[kv], tail_keys[0, kv]])
+        all_values = torch.cat([values[kv], tail_values[0, kv]])
+        probs = torch.softmax(query[0, head] @ all_keys.T * SCALING, dim=-1)
+        torch.testing.assert_close(out[0, head], probs @ all_values, atol=1e-5, rtol=1e-5)
+
+
+def test_huge_logits_stay_finite_and_exact(document):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=17)
+    query = queries(3, seed=18, scale=1e4)
+    out = squeezed_attention(query, layer, TopBudgetRule(1.0), tail_keys, tail_values, None, SCALING)
+    assert torch.isfinite(out).all()
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_cache_accumulates_in_fp32(document):
+    keys, values, _, _ = document
+    layer = cluster_layer(keys.bfloat16(), values.bfloat16(), ClusterConfig())
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=19)
+    query = queries(2, seed=20).bfloat16()
+    args = (tail_keys.bfloat16(), tail_values.bfloat16(), None, SCALING)
+    out = squeezed_attention(query, layer, TopBudgetRule(1.0), *args)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, dense_attention(query, layer.keys, layer.values, *args))
+
+
+def test_empty_tail_and_a_query_that_sees_nothing(document):
+    keys, values, _, layer = document
+    empty_keys, empty_values = tail(0, seed=21)
+    query = queries(2, seed=22)
+    out = squeezed_attention(query, layer, TopBudgetRule(1.0), empty_keys, empty_values, None, SCALING)
+    torch.testing.assert_close(out, dense_attention(query, keys, values, empty_keys, empty_values, None, SCALING))
+    # No cluster passes an infinite threshold; with the tail hidden too, the output is zero, not NaN.
+    tail_keys, tail_values = tail(3, seed=23)
+    nothing = ThresholdRule(torch.full((NUM_KV_HEADS,), math.inf))
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    stats = SqueezeStats()
+    out = squeezed_attention(query, layer, nothing, tail_keys, tail_values, mask, SCALING, stats)
+    assert torch.equal(out, torch.zeros_like(out)) and stats.keys_read == 0
+
+
+def test_empty_clusters_are_harmless():
+    keys = torch.randn(NUM_KV_HEADS, 50, HEAD_DIM)
+    values = torch.randn(NUM_KV_HEADS, 50, HEAD_DIM)
+    assignments = torch.randint(0, 5, (NUM_KV_HEADS, 50)) * 2  # odd clusters stay empty
+    layer = layer_from_assignments(keys, values, assignments, num_clusters=10)
+    tail_keys, tail_values = tail(2, seed=24)
+    query = queries(3, seed=25)
+    for rule in (TopBudgetRule(1.0), ThresholdRule(torch.full((NUM_KV_HEADS,), -math.inf))):
+        out = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING)
+        torch.testing.assert_close(out, dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING))
+
+
+def test_small_budget_reads_few_keys_with_small_error(document):
+    """Queries pointing at one planted direction: 10% of the keys carry nearly all attention."""
+    keys, values, directions, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=26)
+    generator = torch.Generator().manual_seed(27)
+    target = torch.randint(0, 16, (NUM_KV_HEADS,), generator=generator)
+    aimed = directions[torch.arange(NUM_KV_HEADS), target]  # [Hkv, D]
+    query = 20 * aimed.repeat_interleave(NUM_HEADS // NUM_KV_HEADS, dim=0)[None, :, None, :]
+    query = query + torch.randn(1, NUM_HEADS, 1, HEAD_DIM, generator=generator)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    for rule in (TopBudgetRule(0.1), TopBudgetRule(0.1, expand_fraction=0.3)):
+        stats = SqueezeStats()
+        out = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, stats)
+        assert stats.read_fraction < 0.15
+        relative_error = (out - expected).norm() / expected.norm()
+        assert relative_error < 0.02, relative_error
+
+
+def test_batch_must_be_one(document):
+    _, _, _, layer = document
+    tail_keys, tail_values = tail(2, seed=28)
+    with pytest.raises(AssertionError):
+        squeezed_attention(
+            queries(1, seed=29).expand(2, -1, -1, -1),
+            layer,
+            TopBudgetRule(1.0),
+            tail_keys.expand(2, -1, -1, -1),
+            tail_values.expand(2, -1, -1, -1),
+            None,
+            SCALING,
+        )
