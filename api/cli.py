@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from api.settings import load_settings
@@ -80,6 +79,76 @@ def cmd_generate(args, settings) -> int:
     return 0
 
 
+def _add_qa_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--drafter", choices=["none", "retrieval", "self", "layer-skip"], default="self",
+                        help="who drafts: nobody (plain decoding), the datastore only, the target on the RAG "
+                             "context (RAPID), or the target's first layers")
+    parser.add_argument("--no-fusion", action="store_true", help="do not fuse the retrieval tree with the drafter's")
+    parser.add_argument("--layer-skip-layers", type=int, default=8)
+    parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="RAPID retrieval-augmented target (> 0 moves answers toward the RAG drafter on purpose)")
+
+
+def answer_question(args, settings, text: str, question: str, out=sys.stdout) -> int:
+    """Ingest `text` in-process, stream the answer to `out`, print stats and citations to stderr."""
+    from api.detokenize import IncrementalDetokenizer
+    from api.qa import AskOptions, DocumentQA, QAConfig
+    from rapid.models import load_model
+    from rapid.sampling import SamplingConfig
+    from retrieval.embedding import Embedder
+
+    lm = load_model(_model_spec(args, settings), cache_dir=settings.cache_dir)
+    config = QAConfig(drafter=args.drafter, fuse_retrieval=not args.no_fusion, tree_budget=args.tree_budget,
+                      layer_skip_layers=args.layer_skip_layers, answer_reserve=max(1024, args.max_new_tokens))
+    qa = DocumentQA(lm, Embedder(), config, prefill_chunk=settings.prefill_chunk)
+    print(f"ingesting {len(text)} characters ...", file=sys.stderr)
+    document = qa.ingest(text, show_progress=True)
+    print(f"document: {len(document.token_ids)} tokens, {len(document.chunks)} chunks, "
+          f"prefill {document.prefill_seconds:.1f} s", file=sys.stderr)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    answer = qa.ask(document, question, AskOptions(args.max_new_tokens, sampling, args.eta))
+    detok = IncrementalDetokenizer(lm.tokenizer)
+    for tokens in answer.tokens:
+        out.write("".join(detok.push(t) for t in tokens))
+        out.flush()
+    out.write(detok.flush() + "\n")
+    stats = answer.stats
+    print(f"[{stats.num_emitted_tokens} tokens at {stats.tokens_per_second:.1f} tok/s; drafter {args.drafter}; "
+          f"mean acceptance length {stats.mean_acceptance_length:.2f}; acceptance rate {stats.acceptance_rate:.2f}; "
+          f"RAG context {answer.rag_tokens} tokens]", file=sys.stderr)
+    for span in answer.citations[:5]:
+        print(f"  cited chunk {span.chunk_index}: chars {span.char_start}-{span.char_end} (score {span.score:.2f})",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_ask_file(args, settings) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path} as UTF-8 text: {err}") from err
+    return answer_question(args, settings, text, args.question)
+
+
+DEMO_QUESTION = "Who do the witches say will be king, and what does Macbeth decide to do about it?"
+
+
+def cmd_demo(args, settings) -> int:
+    """The main job on the embedded default: a public-domain play, a question, a streamed answer."""
+    from retrieval.texts import shakespeare_works
+
+    works = {work.title: work.text for work in shakespeare_works(settings.cache_dir / "texts")}
+    text = works["Macbeth"][: args.chars]
+    print(f"Macbeth, first {len(text)} characters; question: {args.question}", file=sys.stderr)
+    return answer_question(args, settings, text, args.question)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapid", description="Long-context RAG speculative decoding")
     parser.add_argument("--cache-dir", type=Path, help="where models and texts are cached (env RAPID_CACHE_DIR)")
@@ -100,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.set_defaults(func=cmd_generate)
+
+    ask = sub.add_parser("ask", help="answer a question about a text file (in-process, speculative)")
+    ask.add_argument("question")
+    ask.add_argument("--file", required=True, help="a UTF-8 text file")
+    _add_model_options(ask)
+    _add_qa_options(ask)
+    ask.set_defaults(func=cmd_ask_file)
+
+    demo = sub.add_parser("demo", help="ask the default model a question about a public-domain play")
+    demo.add_argument("--question", default=DEMO_QUESTION)
+    demo.add_argument("--chars", type=int, default=16000, help="how much of the play to read")
+    _add_model_options(demo)
+    _add_qa_options(demo)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -111,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(cache_dir=args.cache_dir, model=getattr(args, "model", None),
                                  device=getattr(args, "device", None), dtype=getattr(args, "dtype", None))
+        import torch
+
+        torch.set_num_threads(settings.threads)
         return args.func(args, settings)
     except (ModelFetchError, ModelLoadError, ValueError) as err:
         print(f"rapid: error: {err}", file=sys.stderr)

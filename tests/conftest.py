@@ -4,11 +4,12 @@ import torch
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
 
+torch.set_num_threads(1)  # two busy threads on a shared 2-core machine run many times slower
+
 
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny random preset (3 layers, GQA 4/2 heads, byte tokenizer), fp32 on CPU."""
-    torch.set_num_threads(1)
     return load_model(ModelSpec("tiny", device="cpu"))
 
 
