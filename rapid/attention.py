@@ -4,7 +4,8 @@ The mask function builds one boolean mask per forward (shared by every layer): `
 decode query (it sees the whole cache), a causal mask offset by the cache length for prefill chunks.
 Tree verification passes its own 4D boolean mask, which transformers hands through unchanged.
 The attention function calls SDPA with `enable_gqa=True`: the stock sdpa path repeats K/V per query head
-when a mask is given (four copies of the cache for a 4-way GQA group).
+when a mask is given (four copies of the cache for a 4-way GQA group). A squeezed document (passed by the
+runner as the forward kwarg `squeeze`) sends attention through `kvcache.squeezed_attention` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from rapid.squeeze import QueryRecorder, SqueezedDocument
 
 ATTENTION_NAME = "rapid"
 
@@ -29,12 +32,24 @@ def rapid_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0
 
 def rapid_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    squeeze: SqueezedDocument | None = None, record_queries: QueryRecorder | None = None,
                     **kwargs) -> tuple[torch.Tensor, None]:
-    """query [B, H, q, D], key / value [B, Hkv, S, D], mask [B|1, 1, q, S] bool -> [B, q, H, D]."""
+    """query [B, H, q, D], key / value [B, Hkv, S, D], mask [B|1, 1, q, S] bool -> [B, q, H, D].
+
+    With `squeeze`, key / value hold only the tokens after the document, and the document is read
+    through its clusters (squeezed attention); `record_queries` keeps the queries of each layer.
+    """
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > -1  # additive float masks: 0 keeps, -inf drops
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                         enable_gqa=True)
+    scaling = module.scaling if scaling is None else scaling
+    if record_queries is not None:
+        record_queries.record(module.layer_idx, query)
+    if squeeze is not None:
+        tail_mask = None if attention_mask is None else attention_mask[0, 0]  # [q, S]
+        out = squeeze.attend(module.layer_idx, query, key, value, tail_mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 

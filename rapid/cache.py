@@ -76,11 +76,18 @@ class PreallocatedLayer(CacheLayerMixin):
 
 
 class KVCache(Cache):
-    """One `PreallocatedLayer` per decoder layer."""
+    """One `PreallocatedLayer` per decoder layer.
 
-    def __init__(self, num_layers: int, capacity: int):
+    With `document` set (a squeezed, clustered document cache), this cache holds only what follows the
+    document: its rows start at position `position_offset` = the document's length, and attention reads
+    the document through the clusters.
+    """
+
+    def __init__(self, num_layers: int, capacity: int, position_offset: int = 0, document=None):
         super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
         self.capacity = capacity
+        self.position_offset = position_offset
+        self.document = document
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, capacity: int) -> KVCache:
@@ -89,6 +96,11 @@ class KVCache(Cache):
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next appended token."""
+        return self.position_offset + self.length
 
     def truncate(self, length: int) -> None:
         """Forget everything after the first `length` tokens (for example, back to the document)."""

@@ -25,15 +25,27 @@ class ModelRunner:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.model, capacity)
 
+    def new_tail_cache(self, document, capacity: int) -> KVCache:
+        """A cache for what follows a squeezed document (`rapid.squeeze.SqueezedDocument`)."""
+        return KVCache(self.model.config.num_hidden_layers, capacity, position_offset=document.num_tokens,
+                       document=document)
+
     def _positions(self, start: int, count: int) -> torch.Tensor:
         return torch.arange(start, start + count, device=self.device)[None]
 
+    def _forward(self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+        """One model forward on `cache`; a squeezed document cache routes attention through its clusters."""
+        if cache.document is not None:
+            kwargs["squeeze"] = cache.document
+        return self.model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True, **kwargs)
+
     @torch.inference_mode()
     def prefill(self, cache: KVCache, token_ids: list[int] | torch.Tensor, show_progress: bool = False,
-                on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                on_chunk: Callable[[int, int], None] | None = None, **kwargs) -> torch.Tensor:
         """Append `token_ids` to the cache in chunks; returns the logits [V] after the last token.
 
-        `on_chunk(done, total)` reports progress (the service uses it for ingest jobs).
+        `on_chunk(done, total)` reports progress (the service uses it for ingest jobs); `kwargs` go to
+        the attention function (for example a query recorder).
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
@@ -43,8 +55,8 @@ class ModelRunner:
         logits = None
         for begin in range(0, total, self.prefill_chunk):
             chunk = ids[begin:begin + self.prefill_chunk][None]
-            out = self.model(input_ids=chunk, cache=cache, position_ids=self._positions(cache.length, chunk.shape[1]),
-                             use_cache=True, logits_to_keep=1)
+            out = self._forward(cache, chunk, self._positions(cache.next_position, chunk.shape[1]), logits_to_keep=1,
+                                **kwargs)
             logits = out.logits[0, -1]
             bar.update(chunk.shape[1])
             if on_chunk is not None:
@@ -56,7 +68,7 @@ class ModelRunner:
     def decode(self, cache: KVCache, token: int) -> torch.Tensor:
         """Append one token; returns the logits [V] after it."""
         ids = torch.tensor([[token]], device=self.device)
-        out = self.model(input_ids=ids, cache=cache, position_ids=self._positions(cache.length, 1), use_cache=True)
+        out = self._forward(cache, ids, self._positions(cache.next_position, 1))
         return out.logits[0, -1]
 
     @torch.inference_mode()
@@ -71,8 +83,7 @@ class ModelRunner:
         n = tokens.shape[0]
         mask = torch.ones(1, 1, n, cache.length + n, dtype=torch.bool, device=self.device)
         mask[0, 0, :, tail_start:] = tail_mask.to(self.device)
-        out = self.model(input_ids=tokens.to(self.device)[None], cache=cache,
-                         position_ids=positions.to(self.device)[None], attention_mask=mask, use_cache=True)
+        out = self._forward(cache, tokens.to(self.device)[None], positions.to(self.device)[None], attention_mask=mask)
         return out.logits[0]
 
     def score_tree(self, cache: KVCache, tokens: torch.Tensor, depths: torch.Tensor,
@@ -82,5 +93,4 @@ class ModelRunner:
         tokens [N], depths [N] (the root has depth 0), tree_mask [N, N] bool (node sees node).
         Node i sits at position prefix_len + depths[i] and sees the whole prefix plus its ancestors.
         """
-        prefix = cache.length
-        return self.score_nodes(cache, tokens, prefix + depths, tree_mask, tail_start=prefix)
+        return self.score_nodes(cache, tokens, cache.next_position + depths, tree_mask, tail_start=cache.length)

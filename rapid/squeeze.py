@@ -1,0 +1,100 @@
+"""Squeezed document caches: the target's document KV clustered once, read through centroids.
+
+`squeeze_document` prefills the document densely, records the queries of its last W positions (the
+stand-in queries for threshold calibration), clusters every layer's keys (after RoPE) and calibrates
+per-layer thresholds. The result replaces the dense document KV: a tail `KVCache` with
+`document=SqueezedDocument` holds the question, the answer and the trees, and attention merges the
+selected document clusters with that tail (kvcache.squeezed_attention).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from kvcache.calibration import calibrate_thresholds
+from kvcache.clustering import ClusterConfig, ClusteredLayer, cluster_layer
+from kvcache.selection import SelectionRule, TopBudgetRule
+from kvcache.squeezed import SqueezeStats, squeezed_attention
+from kvcache.store import ClusteredCache
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    budget: float = 0.10  # fraction of the document keys a query reads (one of `budgets`, or any for "top")
+    budgets: tuple[float, ...] = (0.05, 0.10, 0.20)  # calibrated and stored
+    rule: Literal["threshold", "top"] = "threshold"
+    calibration_window: int = 256  # the last W document positions serve as stand-in queries
+
+    def __post_init__(self) -> None:
+        if self.rule == "threshold" and self.budget not in self.budgets:
+            raise ValueError(f"budget {self.budget} must be one of the calibrated budgets {self.budgets}")
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.calibration_window < 1:
+            raise ValueError("calibration_window must be >= 1")
+
+
+class QueryRecorder:
+    """Keeps each layer's attention queries [H, W, D] (after RoPE) from the forwards it is passed to."""
+
+    def __init__(self) -> None:
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        self.queries[layer_idx] = query[0].detach().float().clone()
+
+
+@dataclass
+class SqueezedDocument:
+    clustered: ClusteredCache
+    rules: list[SelectionRule]
+    num_tokens: int
+    stats: SqueezeStats = field(default_factory=SqueezeStats)
+    cluster_seconds: float = 0.0
+    calibrate_seconds: float = 0.0
+
+    def attend(self, layer_idx: int, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
+               tail_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        return squeezed_attention(query, self.clustered.layers[layer_idx], self.rules[layer_idx], tail_keys,
+                                  tail_values, tail_mask, scaling, self.stats)
+
+    def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold") -> SqueezedDocument:
+        """The same clusters read under another budget (a calibrated one for "threshold")."""
+        return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens)
+
+
+def rules_for(clustered: ClusteredCache, budget: float, rule: str) -> list[SelectionRule]:
+    if rule == "top" or clustered.thresholds is None:
+        return [TopBudgetRule(budget) for _ in clustered.layers]
+    return [thresholds.rule(budget) for thresholds in clustered.thresholds]
+
+
+@torch.inference_mode()
+def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_progress: bool = False,
+                     on_chunk=None) -> tuple[SqueezedDocument, torch.Tensor]:
+    """Prefill `token_ids` densely, cluster and calibrate; returns the document and its last logits [V]."""
+    window = min(config.calibration_window, len(token_ids))
+    dense = runner.new_cache(len(token_ids))
+    if len(token_ids) > window:
+        runner.prefill(dense, token_ids[:-window], show_progress=show_progress, on_chunk=on_chunk)
+    recorder = QueryRecorder()
+    logits = runner.prefill(dense, token_ids[-window:], record_queries=recorder)
+    scaling = runner.model.model.layers[0].self_attn.scaling
+    start = time.perf_counter()
+    layers: list[ClusteredLayer] = []
+    for layer in dense.layers:
+        keys, values = layer.keys[0, :, : layer.length], layer.values[0, :, : layer.length]  # [Hkv, T, D]
+        layers.append(cluster_layer(keys, values, config.cluster))
+    cluster_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    thresholds = tuple(calibrate_thresholds(recorder.queries[i], layer, scaling, config.budgets)
+                       for i, layer in enumerate(layers))
+    clustered = ClusteredCache(tuple(layers), thresholds)
+    document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(token_ids),
+                                cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start)
+    return document, logits

@@ -1,0 +1,61 @@
+"""Squeezed attention inside the model: every cluster selected equals dense attention."""
+
+import pytest
+import torch
+
+from kvcache.clustering import ClusterConfig
+from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.engine import EngineConfig, SpeculativeEngine
+from rapid.generate import GenerationConfig, generate_all
+from rapid.squeeze import SqueezeConfig, squeeze_document
+from retrieval.datastore import TokenDatastore
+
+CLUSTERS = ClusterConfig(fraction=0.1, min_clusters=4)
+
+
+@pytest.fixture(scope="module")
+def document():
+    return torch.randint(0, 255, (240,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def test_all_clusters_equals_dense_logits(tiny_runner, document):
+    squeezed, logits = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=1.0, rule="top",
+                                                                             calibration_window=32))
+    dense = tiny_runner.new_cache(400)
+    dense_logits = tiny_runner.prefill(dense, document)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    tail = tiny_runner.new_tail_cache(squeezed, 64)
+    question = [7, 8, 9, 10, 11]
+    torch.testing.assert_close(tiny_runner.prefill(tail, question), tiny_runner.prefill(dense, question),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tiny_runner.decode(tail, 12), tiny_runner.decode(dense, 12), atol=1e-4, rtol=1e-4)
+    assert squeezed.stats.read_fraction == pytest.approx(1.0)
+
+
+def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
+    """Invariant 1 with the same attention mode on both sides: spec decoding over a squeezed cache."""
+    question = [20, 21, 22, 23]
+    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32))
+    reference_cache = tiny_runner.new_tail_cache(squeezed, 64)
+    logits = tiny_runner.prefill(reference_cache, question)
+    reference = [int(logits.argmax())]
+    for _ in range(19):
+        reference.append(int(tiny_runner.decode(reference_cache, reference[-1]).argmax()))
+    engine = SpeculativeEngine(tiny_runner, EngineConfig(max_new_tokens=20))
+    tail = tiny_runner.new_tail_cache(squeezed, EngineConfig(max_new_tokens=20).capacity(len(question)))
+    datastore = TokenDatastore.build([document + reference])
+    out = [t for chunk in engine.generate(tail, question, [RetrievalDrafter(datastore, question)]) for t in chunk]
+    assert out == reference
+    assert squeezed.stats.read_fraction < 0.6
+
+
+def test_budget_one_greedy_equals_dense_greedy(tiny_runner, document):
+    question = [30, 31, 32]
+    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=1.0, rule="top",
+                                                                        calibration_window=16))
+    tail = tiny_runner.new_tail_cache(squeezed, 64)
+    logits = tiny_runner.prefill(tail, question)
+    out = [int(logits.argmax())]
+    for _ in range(15):
+        out.append(int(tiny_runner.decode(tail, out[-1]).argmax()))
+    assert out == generate_all(tiny_runner, document + question, GenerationConfig(max_new_tokens=16))
