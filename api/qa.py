@@ -31,6 +31,7 @@ from rapid.metrics import SpecStats
 from rapid.models import LoadedModel
 from rapid.runner import ModelRunner
 from rapid.sampling import SamplingConfig
+from rapid.squeeze import SqueezeConfig, SqueezedDocument, squeeze_document
 from rapid.verify import VerifyConfig
 from retrieval.chunking import Chunk, ChunkConfig, chunk_text
 from retrieval.context import RagContext, RagContextBuilder, RagContextConfig, SourceSpan
@@ -59,6 +60,8 @@ class QAConfig:
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
     question_reserve: int = 512  # cache room for a question's tokens
     answer_reserve: int = 1024  # cache room for an answer; max_new_tokens must fit in it
+    attention: Literal["dense", "squeezed"] = "dense"  # how the target reads the document
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class Document:
     chunks: list[Chunk]
     index: ChunkIndex
     datastore: TokenDatastore
-    cache: KVCache  # target KV of head + document
+    cache: KVCache | None  # dense target KV of head + document
+    squeezed: SqueezedDocument | None  # or the same, clustered (attention "squeezed")
     prefix_len: int
     prefill_seconds: float = 0.0
 
@@ -157,11 +161,15 @@ class DocumentQA:
         report("datastore", 0.0)
         datastore = TokenDatastore.build([doc_ids], config.datastore)
         report("prefill", 0.0)
-        cache = self.runner.new_cache(needed)
         start = time.perf_counter()
-        self.runner.prefill(cache, prefix, show_progress=show_progress,
-                            on_chunk=lambda done, total: report("prefill", done / total))
-        document = Document(text, doc_ids, chunked.chunks, index, datastore, cache, len(prefix),
+        on_chunk = lambda done, total: report("prefill", done / total)  # noqa: E731
+        cache, squeezed = None, None
+        if config.attention == "squeezed":
+            squeezed, _ = squeeze_document(self.runner, prefix, config.squeeze, show_progress, on_chunk)
+        else:
+            cache = self.runner.new_cache(needed)
+            self.runner.prefill(cache, prefix, show_progress=show_progress, on_chunk=on_chunk)
+        document = Document(text, doc_ids, chunked.chunks, index, datastore, cache, squeezed, len(prefix),
                             prefill_seconds=time.perf_counter() - start)
         report("ready", 1.0)
         return document
@@ -171,7 +179,9 @@ class DocumentQA:
         return builder.build(question)
 
     def ask(self, document: Document, question: str, options: AskOptions = AskOptions(),
-            cancel: threading.Event | None = None) -> Answer:
+            cancel: threading.Event | None = None, rag_only: bool = False) -> Answer:
+        """Stream an answer. `rag_only`: the target answers from the RAG context alone (no document
+        cache, no drafter), the baseline RAPID compares against."""
         if not question.strip():
             raise ValueError("question must not be empty")
         config = self.config
@@ -184,23 +194,33 @@ class DocumentQA:
         start = time.perf_counter()
         rag = self.rag_context(document, question)
         retrieval_seconds = time.perf_counter() - start
-        drafters = self._drafters(document, rag, question_ids, options)
+        drafters = [] if rag_only else self._drafters(document, rag, question_ids, options)
+        if rag_only:
+            question_ids = self.prompt.head_ids + rag.token_ids.tolist() + question_ids
         engine_config = EngineConfig(
             max_new_tokens=options.max_new_tokens, stop_token_ids=self.stop_ids, tree_budget=config.tree_budget,
             prune_threshold=config.prune_threshold,
             verify=VerifyConfig(sampling=options.sampling, eta=options.eta))
         stats = SpecStats(retrieval_seconds=retrieval_seconds)
         engine = SpeculativeEngine(self.runner, engine_config)
-        return Answer(self._stream(document, engine, question_ids, drafters, stats, cancel), rag.sources,
-                      len(rag.token_ids), stats, retrieval_seconds)
+        tokens = self._stream(document, engine, question_ids, drafters, stats, cancel, rag_only)
+        return Answer(tokens, rag.sources, len(rag.token_ids), stats, retrieval_seconds)
 
     def _stream(self, document: Document, engine: SpeculativeEngine, question_ids: list[int],
-                drafters: list[Drafter], stats: SpecStats, cancel: threading.Event | None) -> Iterator[list[int]]:
-        with self.lock:
-            try:
-                yield from engine.generate(document.cache, question_ids, drafters, stats, cancel)
-            finally:
-                document.cache.truncate(document.prefix_len)
+                drafters: list[Drafter], stats: SpecStats, cancel: threading.Event | None,
+                rag_only: bool) -> Iterator[list[int]]:
+        room = engine.config.capacity(len(question_ids))
+        if rag_only:
+            yield from engine.generate(self.runner.new_cache(room), question_ids, drafters, stats, cancel)
+        elif document.squeezed is not None:
+            tail = self.runner.new_tail_cache(document.squeezed, room)
+            yield from engine.generate(tail, question_ids, drafters, stats, cancel)
+        else:
+            with self.lock:  # the dense document cache is shared: one question at a time
+                try:
+                    yield from engine.generate(document.cache, question_ids, drafters, stats, cancel)
+                finally:
+                    document.cache.truncate(document.prefix_len)
 
     def _drafters(self, document: Document, rag: RagContext, question_ids: list[int],
                   options: AskOptions) -> list[Drafter]:
