@@ -1,0 +1,1 @@
+"""The HTTP routers: thin, each route calls one service method."""
