@@ -6,22 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from api.commands import add_service_commands
+from api.oneshot import DEMO_QUESTION, cmd_demo
+from api.options import add_model_options, add_speculation_options, model_spec
 from api.settings import load_settings
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="'default', a preset ('tiny', 'long-bench'), a model dir or a .gguf")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--rope-scaling", choices=["yarn", "dynamic"], help="stretch RoPE past the native context")
-    parser.add_argument("--rope-factor", type=float, default=4.0)
-
-
-def _model_spec(args, settings):
-    from rapid.models import ModelSpec, RopeScaling
-
-    scaling = RopeScaling(args.rope_scaling, args.rope_factor) if args.rope_scaling else None
-    return ModelSpec(source=settings.model, device=settings.device, dtype=settings.dtype, rope_scaling=scaling)
 
 
 def cmd_models_pull(args, settings) -> int:
@@ -55,7 +43,7 @@ def cmd_generate(args, settings) -> int:
     from rapid.runner import ModelRunner
     from rapid.sampling import SamplingConfig
 
-    lm = load_model(_model_spec(args, settings), cache_dir=settings.cache_dir)
+    lm = load_model(model_spec(args, settings), cache_dir=settings.cache_dir)
     tok = lm.tokenizer
     if args.raw or not tok.chat_template:
         prompt_ids = tok(args.prompt, add_special_tokens=False).input_ids
@@ -79,76 +67,6 @@ def cmd_generate(args, settings) -> int:
     return 0
 
 
-def _add_qa_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--drafter", choices=["none", "retrieval", "self", "layer-skip"], default="self",
-                        help="who drafts: nobody (plain decoding), the datastore only, the target on the RAG "
-                             "context (RAPID), or the target's first layers")
-    parser.add_argument("--no-fusion", action="store_true", help="do not fuse the retrieval tree with the drafter's")
-    parser.add_argument("--layer-skip-layers", type=int, default=8)
-    parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--eta", type=float, default=0.0,
-                        help="RAPID retrieval-augmented target (> 0 moves answers toward the RAG drafter on purpose)")
-
-
-def answer_question(args, settings, text: str, question: str, out=sys.stdout) -> int:
-    """Ingest `text` in-process, stream the answer to `out`, print stats and citations to stderr."""
-    from api.detokenize import IncrementalDetokenizer
-    from api.qa import AskOptions, DocumentQA, QAConfig
-    from rapid.models import load_model
-    from rapid.sampling import SamplingConfig
-    from retrieval.embedding import Embedder
-
-    lm = load_model(_model_spec(args, settings), cache_dir=settings.cache_dir)
-    config = QAConfig(drafter=args.drafter, fuse_retrieval=not args.no_fusion, tree_budget=args.tree_budget,
-                      layer_skip_layers=args.layer_skip_layers, answer_reserve=max(1024, args.max_new_tokens))
-    qa = DocumentQA(lm, Embedder(), config, prefill_chunk=settings.prefill_chunk)
-    print(f"ingesting {len(text)} characters ...", file=sys.stderr)
-    document = qa.ingest(text, show_progress=True)
-    print(f"document: {len(document.token_ids)} tokens, {len(document.chunks)} chunks, "
-          f"prefill {document.prefill_seconds:.1f} s", file=sys.stderr)
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    answer = qa.ask(document, question, AskOptions(args.max_new_tokens, sampling, args.eta))
-    detok = IncrementalDetokenizer(lm.tokenizer)
-    for tokens in answer.tokens:
-        out.write("".join(detok.push(t) for t in tokens))
-        out.flush()
-    out.write(detok.flush() + "\n")
-    stats = answer.stats
-    print(f"[{stats.num_emitted_tokens} tokens at {stats.tokens_per_second:.1f} tok/s; drafter {args.drafter}; "
-          f"mean acceptance length {stats.mean_acceptance_length:.2f}; acceptance rate {stats.acceptance_rate:.2f}; "
-          f"RAG context {answer.rag_tokens} tokens]", file=sys.stderr)
-    for span in answer.citations[:5]:
-        print(f"  cited chunk {span.chunk_index}: chars {span.char_start}-{span.char_end} (score {span.score:.2f})",
-              file=sys.stderr)
-    return 0
-
-
-def cmd_ask_file(args, settings) -> int:
-    path = Path(args.file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read {path} as UTF-8 text: {err}") from err
-    return answer_question(args, settings, text, args.question)
-
-
-DEMO_QUESTION = "Who do the witches say will be king, and what does Macbeth decide to do about it?"
-
-
-def cmd_demo(args, settings) -> int:
-    """The main job on the embedded default: a public-domain play, a question, a streamed answer."""
-    from retrieval.texts import shakespeare_works
-
-    works = {work.title: work.text for work in shakespeare_works(settings.cache_dir / "texts")}
-    text = works["Macbeth"][: args.chars]
-    print(f"Macbeth, first {len(text)} characters; question: {args.question}", file=sys.stderr)
-    return answer_question(args, settings, text, args.question)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rapid", description="Long-context RAG speculative decoding")
     parser.add_argument("--cache-dir", type=Path, help="where models and texts are cached (env RAPID_CACHE_DIR)")
@@ -161,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion of a prompt")
     gen.add_argument("prompt")
-    _add_model_options(gen)
+    add_model_options(gen)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -170,18 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.set_defaults(func=cmd_generate)
 
-    ask = sub.add_parser("ask", help="answer a question about a text file (in-process, speculative)")
-    ask.add_argument("question")
-    ask.add_argument("--file", required=True, help="a UTF-8 text file")
-    _add_model_options(ask)
-    _add_qa_options(ask)
-    ask.set_defaults(func=cmd_ask_file)
+    add_service_commands(sub)
 
     demo = sub.add_parser("demo", help="ask the default model a question about a public-domain play")
     demo.add_argument("--question", default=DEMO_QUESTION)
     demo.add_argument("--chars", type=int, default=16000, help="how much of the play to read")
-    _add_model_options(demo)
-    _add_qa_options(demo)
+    demo.add_argument("--max-tokens", type=int, default=200)
+    demo.add_argument("--temperature", type=float, default=0.0)
+    add_model_options(demo)
+    add_speculation_options(demo)
     demo.set_defaults(func=cmd_demo)
     return parser
 

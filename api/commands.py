@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from api.errors import ServiceError
+from api.oneshot import cmd_ask_file
+from api.options import add_model_options, add_speculation_options
 from api.remote import RemoteClient, RemoteError
 from api.settings import Settings
 
@@ -23,7 +25,7 @@ from api.settings import Settings
 def add_service_commands(subparsers) -> None:
     """Register serve, ingest, ask and summarize on the `rapid` parser's subparsers."""
     serve = subparsers.add_parser("serve", help="run the HTTP API (documents, questions, OpenAI-compatible)")
-    _model_options(serve)
+    add_model_options(serve)
     _data_dir_option(serve)
     serve.add_argument("--host", help="bind address (env RAPID_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (env RAPID_PORT, default 8000)")
@@ -34,17 +36,20 @@ def add_service_commands(subparsers) -> None:
     ingest.add_argument("file", type=Path)
     ingest.add_argument("--name", help="document name (default: the file name)")
     _remote_options(ingest)
-    _model_options(ingest)
+    add_model_options(ingest)
     _data_dir_option(ingest)
     ingest.set_defaults(func=cmd_ingest)
 
-    ask = subparsers.add_parser("ask", help="ask a question about an ingested document")
-    ask.add_argument("doc_id")
+    ask = subparsers.add_parser("ask", help="ask about an ingested document (DOC_ID) or a text file (--file)",
+                                usage="rapid ask DOC_ID QUESTION [options] | rapid ask --file DOC.txt QUESTION")
+    ask.add_argument("doc_id", nargs="?", help="an ingested document's id")
     ask.add_argument("question")
+    ask.add_argument("--file", type=Path, help="answer about this UTF-8 text file in this process instead")
     ask.add_argument("--max-tokens", type=int, help="default: RAPID_DEFAULT_MAX_TOKENS")
     ask.add_argument("--temperature", type=float, default=0.0)
     _remote_options(ask)
-    _model_options(ask)
+    add_model_options(ask)
+    add_speculation_options(ask)
     _data_dir_option(ask)
     ask.set_defaults(func=cmd_ask)
 
@@ -54,14 +59,8 @@ def add_service_commands(subparsers) -> None:
     summarize.add_argument("--max-tokens", type=int, default=128)
     summarize.add_argument("--temperature", type=float, default=0.0)
     summarize.add_argument("--no-progress", action="store_true")
-    _model_options(summarize)
+    add_model_options(summarize)
     summarize.set_defaults(func=cmd_summarize)
-
-
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="'default', a preset ('tiny', 'long-bench'), a model dir or a .gguf")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +150,12 @@ def _print_answer_stats(answer: dict) -> None:
 
 
 def cmd_ask(args, settings: Settings) -> int:
+    if args.file is not None:
+        if args.doc_id is not None:
+            return _fail("give a DOC_ID or --file, not both")
+        return cmd_ask_file(args, settings)
+    if args.doc_id is None:
+        return _fail("give the DOC_ID of an ingested document, or --file DOC.txt")
     try:
         if args.url:
             answer = _ask_remote(args)

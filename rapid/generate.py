@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapid.cache import KVCache
 from rapid.runner import ModelRunner
 from rapid.sampling import SamplingConfig, next_token
 
@@ -41,14 +42,17 @@ class GenerationStats:
 
 
 def generate(runner: ModelRunner, prompt_ids: list[int], config: GenerationConfig,
-             stats: GenerationStats | None = None, show_progress: bool = False) -> Iterator[int]:
+             stats: GenerationStats | None = None, show_progress: bool = False,
+             cache: KVCache | None = None) -> Iterator[int]:
     """Yield new token ids one by one. A stop token is yielded, then generation ends.
 
-    The first token comes from the prefill logits; each later one costs one decode step.
+    The first token comes from the prefill logits; each later one costs one decode step. `cache` may
+    already hold a prefix (a document); the prompt is appended to it.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
-    cache = runner.new_cache(len(prompt_ids) + config.max_new_tokens)
+    if cache is None:
+        cache = runner.new_cache(len(prompt_ids) + config.max_new_tokens)
     gen = config.sampling.generator() if not config.sampling.greedy else None
     start = time.perf_counter()
     logits = runner.prefill(cache, prompt_ids, show_progress=show_progress)

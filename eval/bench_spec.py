@@ -1,0 +1,167 @@
+"""Speculative decoding speed on document QA: our engine's drafters versus our AR loop and transformers.
+
+For each context length: a public-domain play cut to that many tokens is ingested once (chunks,
+index, datastore, target prefill); then for each question every method answers greedily from the same
+document state:
+  ar            our autoregressive loop (the baseline every ratio is against)
+  hf-generate   transformers `model.generate` (stock sdpa attention, DynamicCache)
+  hf-early-exit transformers assisted generation with the same layer-skip drafter (`assistant_early_exit`)
+  hf-lookup     transformers prompt lookup decoding (`prompt_lookup_num_tokens`)
+  spec-*        our engine with each drafter (retrieval, self = RAPID's RAG self-speculation, layer-skip,
+                and fused = model drafter + retrieval tree)
+transformers methods get the document prefilled into a DynamicCache too, so every timing covers the
+question's prefill and the answer's decoding only. Contexts past the native 8K use YaRN. Outputs are
+checked token for token against `ar`. Last line: one JSON object.
+
+    python -m eval.bench_spec                               # 4K 8K 16K
+    python -m eval.bench_spec --contexts 4096 --questions 1 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from api.qa import AskOptions, DocumentQA, QAConfig
+from eval.bench_decode import native_context, yarn_for
+from rapid.generate import GenerationConfig, generate
+from rapid.models import ModelSpec, load_model
+from retrieval.embedding import Embedder
+from retrieval.texts import shakespeare_works
+
+QUESTIONS = (
+    "Who speaks the first line of the play, and what exactly does he say? Quote it.",
+    "List the characters who appear in the first scene.",
+    "What does the ghost look like, according to the guards?",
+)
+OUR_METHODS = {
+    "spec-retrieval": dict(drafter="retrieval"),
+    "spec-self": dict(drafter="self", fuse_retrieval=False),
+    "spec-self+retrieval": dict(drafter="self", fuse_retrieval=True),
+    "spec-layer-skip": dict(drafter="layer-skip", fuse_retrieval=False),
+    "spec-layer-skip+retrieval": dict(drafter="layer-skip", fuse_retrieval=True),
+}
+HF_METHODS = ("hf-generate", "hf-early-exit", "hf-lookup")
+
+
+def document_text(tokenizer, num_tokens: int, title: str) -> str:
+    text = next(w.text for w in shakespeare_works() if w.title == title)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(encoding.input_ids) < num_tokens:
+        raise ValueError(f"{title} has only {len(encoding.input_ids)} tokens; pick a shorter context")
+    return text[: encoding.offset_mapping[num_tokens - 1][1]]
+
+
+def hf_prefill(model, token_ids: list[int], chunk: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for start in range(0, len(token_ids), chunk):
+            model(torch.tensor([token_ids[start:start + chunk]]), cache=cache, use_cache=True)
+    return cache
+
+
+def hf_answer(model, method: str, doc_cache, full_ids: list[int], new_tokens: int, stop: list[int],
+              layers: int) -> tuple[list[int], float]:
+    extra = {"hf-generate": {}, "hf-early-exit": {"assistant_early_exit": layers},
+             "hf-lookup": {"prompt_lookup_num_tokens": 10}}[method]
+    cache = copy.deepcopy(doc_cache)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([full_ids]), cache=cache, max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=stop[0], **extra)
+    return out[0, len(full_ids):].tolist(), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--questions", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tree-budget", type=int, default=16)
+    parser.add_argument("--layer-skip-layers", type=int, default=8)
+    parser.add_argument("--title", default="Hamlet")
+    parser.add_argument("--skip-hf", action="store_true", help="only our methods")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print("settings:", json.dumps(vars(args)), flush=True)
+    embedder = Embedder()
+    rows = []
+    for context in args.contexts:
+        scaling = yarn_for(native_context(args.model), context + 2048)
+        lm = load_model(ModelSpec(args.model, device="cpu", dtype=args.dtype, rope_scaling=scaling))
+        base = dict(tree_budget=args.tree_budget, layer_skip_layers=args.layer_skip_layers,
+                    answer_reserve=max(args.new_tokens, 256))
+        ar_qa = DocumentQA(lm, embedder, QAConfig(drafter="none", **base))
+        start = time.perf_counter()
+        document = ar_qa.ingest(document_text(lm.tokenizer, context, args.title))
+        ingest_seconds = time.perf_counter() - start
+        qas = {name: DocumentQA(lm, embedder, QAConfig(**base, **kw)) for name, kw in OUR_METHODS.items()}
+        stop = list(ar_qa.stop_ids)
+        lm.model.config._attn_implementation = "sdpa"
+        hf_cache = None if args.skip_hf else hf_prefill(lm.model, ar_qa.prompt.head_ids + document.token_ids.tolist(),
+                                                        1024)
+        lm.model.config._attn_implementation = "rapid"
+        times: dict[str, list[float]] = {}
+        lengths: dict[str, list[float]] = {}
+        identical: dict[str, bool] = {}
+        tokens: dict[str, int] = {}
+        for question in QUESTIONS[: args.questions]:
+            question_ids = ar_qa.prompt.question_ids(question)
+            gen_config = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=tuple(stop))
+            start = time.perf_counter()
+            reference = list(generate(ar_qa.runner, question_ids, gen_config, cache=document.cache))
+            elapsed = time.perf_counter() - start
+            document.cache.truncate(document.prefix_len)
+            results = {"ar": (reference, elapsed, 1.0)}
+            for name, qa in qas.items():
+                start = time.perf_counter()
+                answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
+                out = [t for chunk in answer.tokens for t in chunk]
+                results[name] = (out, time.perf_counter() - start, answer.stats.mean_acceptance_length)
+            if hf_cache is not None:
+                lm.model.config._attn_implementation = "sdpa"
+                full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
+                for name in HF_METHODS:
+                    out, seconds = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
+                                             args.layer_skip_layers)
+                    results[name] = (out, seconds, float("nan"))
+                lm.model.config._attn_implementation = "rapid"
+            for name, (out, seconds, mal) in results.items():
+                times.setdefault(name, []).append(len(out) / seconds)
+                lengths.setdefault(name, []).append(mal)
+                identical[name] = identical.get(name, True) and out == reference
+                tokens[name] = tokens.get(name, 0) + len(out)
+            print(f"  {context} tokens | {question[:40]!r}: " + ", ".join(
+                f"{n} {len(o) / s:.1f} tok/s" for n, (o, s, _) in results.items()), flush=True)
+        ar_speed = statistics.median(times["ar"])
+        hf_assisted = statistics.median(times["hf-early-exit"]) if "hf-early-exit" in times else None
+        for name in times:
+            speed = statistics.median(times[name])
+            row = {"context": context, "method": name, "tokens_per_s": round(speed, 3),
+                   "speedup_vs_ar": round(speed / ar_speed, 3),
+                   "speedup_vs_hf_early_exit": round(speed / hf_assisted, 3) if hf_assisted else None,
+                   "mean_acceptance_length": round(statistics.median(lengths[name]), 3)
+                   if name.startswith("spec") else None,
+                   "identical_to_ar": identical[name], "new_tokens": tokens[name],
+                   "rope_scaling": scaling.kind if scaling else None, "ingest_seconds": round(ingest_seconds, 1)}
+            rows.append(row)
+            print(f"{context:6d} {name:26} {speed:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} vs ar  "
+                  f"MAL {row['mean_acceptance_length']}  identical={row['identical_to_ar']}", flush=True)
+        del document, hf_cache
+    result = {"benchmark": "spec", "settings": vars(args), "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
