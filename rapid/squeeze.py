@@ -20,6 +20,7 @@ from kvcache.clustering import ClusterConfig, ClusteredLayer, cluster_layer
 from kvcache.selection import SelectionRule, TopBudgetRule
 from kvcache.squeezed import SqueezeStats, squeezed_attention
 from kvcache.store import ClusteredCache
+from rapid.cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,21 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
     document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(token_ids),
                                 cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start)
     return document, logits
+
+
+def dense_cache(clustered: ClusteredCache, capacity: int) -> KVCache:
+    """A dense `KVCache` holding the document in its original order (bit-exact), with room to `capacity`.
+
+    A stored clustered cache thus serves dense attention too: no second copy on disk, no re-prefill.
+    """
+    first = clustered.layers[0]
+    num_tokens = first.num_tokens
+    if capacity < num_tokens:
+        raise ValueError(f"capacity {capacity} is smaller than the document's {num_tokens} tokens")
+    cache = KVCache(len(clustered.layers), capacity)
+    with torch.inference_mode():
+        for layer, stored in zip(cache.layers, clustered.layers, strict=True):
+            keys, values = stored.original_order()  # [Hkv, T, D]
+            layer.lazy_initialization(keys[None], values[None])
+            layer.update(keys[None], values[None])
+    return cache

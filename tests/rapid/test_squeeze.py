@@ -59,3 +59,16 @@ def test_budget_one_greedy_equals_dense_greedy(tiny_runner, document):
     for _ in range(15):
         out.append(int(tiny_runner.decode(tail, out[-1]).argmax()))
     assert out == generate_all(tiny_runner, document + question, GenerationConfig(max_new_tokens=16))
+
+
+def test_dense_cache_from_clusters_equals_the_prefilled_cache(tiny_runner, document):
+    from rapid.squeeze import dense_cache
+
+    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, calibration_window=16))
+    rebuilt = dense_cache(squeezed.clustered, len(document) + 8)
+    prefilled = tiny_runner.new_cache(len(document) + 8)
+    tiny_runner.prefill(prefilled, document)
+    assert rebuilt.length == prefilled.length == len(document)
+    for ours, theirs in zip(rebuilt.layers, prefilled.layers, strict=True):
+        assert torch.equal(ours.keys[:, :, : len(document)], theirs.keys[:, :, : len(document)])
+    torch.testing.assert_close(tiny_runner.decode(rebuilt, 5), tiny_runner.decode(prefilled, 5))
