@@ -1,0 +1,161 @@
+"""Dense versus squeezed attention over a long document cache.
+
+For each (model, context): one dense prefill of a public-domain text, clustering + calibration of its
+keys (timed against the prefill), then in one process:
+  - attention-only latency of one layer (SDPA over every key vs squeezed_attention over the clusters);
+  - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
+    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement and max
+    logit difference per step;
+  - needle-in-a-haystack accuracy, dense vs squeezed, for models with real weights.
+The `long-bench` preset has the default model's layer shapes (4 layers, random weights) so 64K-128K fit
+on this CPU; its quality numbers are meaningless and are not reported. Last line: one JSON object.
+
+    python -m eval.bench_kvcache                                  # default 16K 32K, long-bench 32K 64K 128K
+    python -m eval.bench_kvcache --plan long-bench:32768 --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from eval.bench_decode import native_context, yarn_for
+from kvcache.squeezed import SqueezeStats, squeezed_attention
+from rapid.models import ModelSpec, load_model
+from rapid.runner import ModelRunner
+from rapid.squeeze import SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
+from retrieval.texts import insert_needle, shakespeare_text
+
+NEEDLE = "The secret passphrase for the vault is {value}."
+NEEDLE_QUESTION = "What is the secret passphrase for the vault? Answer with the passphrase only."
+
+
+def text_of(tokenizer, num_tokens: int) -> str:
+    text = shakespeare_text()
+    encoding = tokenizer(text[: num_tokens * 6], add_special_tokens=False, return_offsets_mapping=True)
+    return text[: encoding.offset_mapping[min(num_tokens, len(encoding.input_ids)) - 1][1]]
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.Tensor, repeats: int) -> dict:
+    """One layer, one decode query [1, H, 1, D]: dense SDPA vs squeezed attention (empty tail)."""
+    layer = document.clustered.layers[layer_idx]
+    keys, values = layer.keys[None], layer.values[None]  # [1, Hkv, T, D] (order does not matter)
+    empty = keys[:, :, :0]
+    scaling = query.shape[-1] ** -0.5
+    dense = median_time(lambda: F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True),
+                        repeats)
+    squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
+                                                      scaling), repeats)
+    return {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed}
+
+
+@torch.inference_mode()
+def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_logits: torch.Tensor,
+                      steps: int) -> dict:
+    dense = dense_cache(document.clustered, document.num_tokens + steps + 1)
+    tail = runner.new_tail_cache(document, steps + 1)
+    document.stats = SqueezeStats()
+    token = int(first_logits.argmax())
+    dense_times, squeezed_times, agree, max_diff = [], [], 0, 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        dense_logits = runner.decode(dense, token)
+        dense_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        squeezed_logits = runner.decode(tail, token)
+        squeezed_times.append(time.perf_counter() - start)
+        agree += int(dense_logits.argmax() == squeezed_logits.argmax())
+        max_diff = max(max_diff, float((dense_logits.float() - squeezed_logits.float()).abs().max()))
+        token = int(dense_logits.argmax())
+    dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
+    return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
+            "step_speedup": dense_step / squeezed_step, "top1_agreement": agree / steps,
+            "max_logit_diff": max_diff, "kv_read_fraction": document.stats.read_fraction}
+
+
+@torch.inference_mode()
+def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
+                    new_tokens: int = 16) -> dict:
+    """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears."""
+    from api.qa import ChatPrompt
+
+    prompt = ChatPrompt(lm.tokenizer)
+    hits = {"dense": 0, "squeezed": 0}
+    for k, depth in enumerate(depths):
+        value = f"{'amber-falcon-river-stone'.split('-')[k % 4]}-{4127 + 31 * k}"
+        haystack = insert_needle(text_of(lm.tokenizer, num_tokens), NEEDLE.format(value=value), depth)
+        prefix = prompt.head_ids + prompt.encode(haystack.text)
+        question = prompt.question_ids(NEEDLE_QUESTION)
+        document, _ = squeeze_document(runner, prefix, config)
+        for mode in hits:
+            cache = (dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1) if mode == "dense"
+                     else runner.new_tail_cache(document, len(question) + new_tokens + 1))
+            logits = runner.prefill(cache, question)
+            out = [int(logits.argmax())]
+            for _ in range(new_tokens - 1):
+                out.append(int(runner.decode(cache, out[-1]).argmax()))
+            hits[mode] += int(value in lm.tokenizer.decode(out, skip_special_tokens=True))
+    return {f"needle_{mode}": hits[mode] / len(depths) for mode in hits}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", nargs="+", default=["default:16384", "default:32768", "long-bench:32768",
+                                                      "long-bench:65536", "long-bench:131072"],
+                        help="MODEL:CONTEXT pairs")
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=0.10)
+    parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print("settings:", json.dumps(vars(args)), flush=True)
+    config = SqueezeConfig(budget=args.budget)
+    rows = []
+    for item in args.plan:
+        model, context = item.split(":")[0], int(item.split(":")[1])
+        scaling = yarn_for(native_context(model), context + args.steps + 64) if model != "long-bench" else None
+        lm = load_model(ModelSpec(model, device="cpu", dtype=args.dtype, rope_scaling=scaling))
+        runner = ModelRunner(lm.model, prefill_chunk=args.prefill_chunk)
+        ids = lm.tokenizer(text_of(lm.tokenizer, context), add_special_tokens=False).input_ids[:context]
+        start = time.perf_counter()
+        document, logits = squeeze_document(runner, ids, config, show_progress=True)
+        total = time.perf_counter() - start
+        prefill = total - document.cluster_seconds - document.calibrate_seconds
+        recorder_query = torch.randn(1, lm.config.num_attention_heads, 1, lm.config.head_dim, dtype=lm.model.dtype)
+        row = {"model": model, "context": len(ids), "rope_scaling": scaling.kind if scaling else None,
+               "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
+               "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
+               "clusters_per_layer": document.clustered.layers[0].num_clusters}
+        with torch.inference_mode():
+            row |= {f"attention_{k}": v for k, v in attention_latency(
+                document, lm.config.num_hidden_layers // 2, recorder_query, repeats=20).items()}
+        row |= decode_comparison(runner, document, logits, args.steps)
+        if model != "long-bench" and args.needle_depths:
+            row |= needle_accuracy(lm, runner, context, args.needle_depths, config)
+        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        print(json.dumps(rows[-1]), flush=True)
+        del document
+    result = {"benchmark": "kvcache", "settings": vars(args), "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
