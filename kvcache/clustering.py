@@ -1,7 +1,7 @@
 """K-means clustering of one layer's document keys into a cluster-ordered KV layout.
 
 At ingest, for every layer and KV head, the document's keys (after RoPE) are L2-normalised and
-clustered with spherical k-means; keys and values are then stored reordered by cluster so that one
+clustered with k-means on their directions; keys and values are then stored reordered by cluster so that one
 cluster is one contiguous slice, which is what lets squeezed attention read fewer keys (DESIGN 4.5).
 
 Shapes: Hkv kv heads, T document tokens, C clusters, Cc coarse clusters, D head dim.
@@ -9,14 +9,19 @@ Shapes: Hkv kv heads, T document tokens, C clusters, Cc coarse clusters, D head 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
-# Elements of the [Hkv, chunk, C] similarity block of one assignment step: on CPU a block that stays
-# in cache is 2-3x faster than a large one (measured at T=32K, C=1.6K..6.5K); a GPU wants large blocks.
+# Elements of the [Hkv, chunk, C] similarity block of one torch assignment step. One CPU thread: 2^21
+# 0.27 s, 2^25 0.49 s per step at T=32K, C=1638; a GPU wants large blocks.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 _GPU_BLOCK_ELEMENTS = 1 << 27
 
@@ -27,10 +32,13 @@ class ClusterConfig:
 
     fraction: clusters per document token (Squeezed Attention uses about 5%).
     min_clusters / max_clusters: bounds on the cluster count (never more than the tokens).
-    iterations: Lloyd iterations of spherical k-means.
+    iterations: at most this many Lloyd iterations (both backends stop early once no point moves).
     seed: seed of the initial centroids, so ingest is reproducible.
     coarse_fraction: None for one level; otherwise coarse clusters per fine cluster, e.g. 0.05,
         building a second level for hierarchical lookup.
+    backend: "sklearn", scikit-learn's Lloyd KMeans per kv head, for keys on the CPU (measured
+        fastest there, see `kmeans`); "torch", spherical Lloyd's on all heads at once on the keys'
+        device, for keys on a GPU.
     """
 
     fraction: float = 0.05
@@ -39,6 +47,7 @@ class ClusterConfig:
     iterations: int = 10
     seed: int = 0
     coarse_fraction: float | None = None
+    backend: Literal["sklearn", "torch"] = "sklearn"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -49,6 +58,8 @@ class ClusterConfig:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         if self.coarse_fraction is not None and not 0.0 < self.coarse_fraction < 1.0:
             raise ValueError(f"coarse_fraction must be in (0, 1) or None, got {self.coarse_fraction}")
+        if self.backend not in ("sklearn", "torch"):
+            raise ValueError(f"backend must be 'sklearn' or 'torch', got {self.backend!r}")
 
     def num_clusters(self, num_tokens: int) -> int:
         """Fine cluster count for a document of `num_tokens` tokens."""
@@ -137,12 +148,12 @@ def cluster_layer(keys: Tensor, values: Tensor, config: ClusterConfig) -> Cluste
     """
     assert keys.dim() == 3 and keys.shape == values.shape, f"{keys.shape} vs {values.shape}"
     num_clusters = config.num_clusters(keys.shape[1])
-    assignments = spherical_kmeans(keys, num_clusters, config.iterations, config.seed)  # [Hkv, T]
+    assignments = kmeans(keys, num_clusters, config)  # [Hkv, T]
     if config.coarse_fraction is None:
         return layer_from_assignments(keys, values, assignments, num_clusters)
     fine_centroids = _cluster_means(keys.float(), assignments, num_clusters)  # [Hkv, C, D]
     num_coarse = config.num_coarse_clusters(num_clusters)
-    coarse_assignments = spherical_kmeans(fine_centroids, num_coarse, config.iterations, config.seed)
+    coarse_assignments = kmeans(fine_centroids, num_coarse, config)
     return layer_from_assignments(keys, values, assignments, num_clusters, (coarse_assignments, num_coarse))
 
 
@@ -186,24 +197,55 @@ def layer_from_assignments(
     )
 
 
-def spherical_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: int) -> Tensor:
-    """Spherical k-means (cosine assignment) on all heads at once; returns assignments [Hkv, T] int64.
+def kmeans(points: Tensor, num_clusters: int, config: ClusterConfig) -> Tensor:
+    """Cluster the directions of points [Hkv, T, D], per head -> assignments [Hkv, T] int64.
 
-    points [Hkv, T, D]; they are L2-normalised here. Initial centroids are distinct random points
-    (seeded); a cluster that runs empty is re-seeded with the point that fits its centroid worst.
+    Points are L2-normalised first. Both backends start from distinct random points (seeded),
+    stop early once no assignment changes, and may leave a cluster empty (handled downstream).
 
-    Chosen by measurement against faiss.Kmeans(spherical=True) and scikit-learn (MiniBatch)KMeans
-    on normalised synthetic keys, Hkv=3, D=64, C=5% of T, 10 iterations, 2 CPU threads; see
-    the kvcache issue notes for the table. Batched torch Lloyd's also runs on the GPU with the cache.
+    Measured on this 2-core Xeon (shared with other jobs), synthetic keys Hkv=3, D=64, C=5% of T,
+    10 iterations, random init, seconds (the mean cosine of a key to its cluster agrees to 0.001):
+      threads  keys                       backend  T=32K      T=64K      T=128K
+      1        gaussian (no convergence)  sklearn  7.2        18.2       68.3
+                                          torch    6.2-7.2    14.0       66.7
+      1        1024 blobs (converge ~7)   sklearn  3.3-3.6    22.6-28.5
+                                          torch    3.6-5.9    16.4-31.4
+      2        gaussian                   sklearn  4.3-4.4
+                                          torch    14.9-15.0
+    At T=32K, 1 thread, faiss.Kmeans(spherical=True) took 13-19 s and MiniBatchKMeans 11-13 s
+    (leaving 67 clusters empty).
+    One thread is a tie; with two threads torch's many small parallel matmuls stall whenever a
+    core is busy elsewhere (one assignment step: 0.27 s on 1 thread, 0.54-4.6 s on 2), while
+    scikit-learn runs one parallel region per iteration. So sklearn on the CPU, torch on a GPU.
     """
-    num_heads, num_points, head_dim = points.shape
+    num_heads, num_points, _ = points.shape
     assert 1 <= num_clusters <= num_points, f"{num_clusters} clusters for {num_points} points"
     points = F.normalize(points.float(), dim=-1)
+    if config.backend == "torch":
+        return _torch_kmeans(points, num_clusters, config.iterations, config.seed)
+    labels = []
+    for head in points.cpu().numpy():
+        estimator = KMeans(
+            num_clusters, init="random", n_init=1, max_iter=config.iterations, tol=0.0, random_state=config.seed
+        )
+        with warnings.catch_warnings():  # "fewer distinct clusters than asked": empty clusters are fine
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            labels.append(estimator.fit(head).labels_)
+    return torch.from_numpy(np.stack(labels).astype(np.int64)).to(points.device)
+
+
+def _torch_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: int) -> Tensor:
+    """Spherical Lloyd's on all heads at once: unit points [Hkv, T, D] -> [Hkv, T] int64.
+
+    Assignment by highest cosine, centroids are normalised means; a cluster that runs empty is
+    re-seeded with the point that fits its centroid worst.
+    """
+    num_heads, num_points, head_dim = points.shape
     generator = torch.Generator().manual_seed(seed)
     init = torch.stack([torch.randperm(num_points, generator=generator)[:num_clusters] for _ in range(num_heads)])
     centroids = points.gather(1, init.to(points.device)[..., None].expand(-1, -1, head_dim))  # [Hkv, C, D]
+    assignments, similarity = _assign(points, centroids)
     for _ in range(iterations):
-        assignments, similarity = _assign(points, centroids)
         sums = _cluster_sums(points, assignments, num_clusters)  # [Hkv, C, D]
         counts = _counts(assignments, num_clusters)
         for head in range(num_heads):
@@ -211,8 +253,11 @@ def spherical_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: i
             if len(empty):
                 worst = torch.topk(similarity[head], len(empty), largest=False).indices
                 sums[head, empty] = points[head, worst]
-        centroids = F.normalize(sums, dim=-1)
-    return _assign(points, centroids)[0]
+        previous = assignments
+        assignments, similarity = _assign(points, F.normalize(sums, dim=-1))
+        if torch.equal(assignments, previous):
+            break
+    return assignments
 
 
 def _assign(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from kv_synthetic import HEAD_DIM, NUM_KV_HEADS, planted_keys
 
-from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments, ranges_to_indices, spherical_kmeans
+from kvcache.clustering import ClusterConfig, cluster_layer, kmeans, layer_from_assignments, ranges_to_indices
 
 
 def test_config_validates_and_bounds_cluster_count():
@@ -17,6 +17,7 @@ def test_config_validates_and_bounds_cluster_count():
         dict(min_clusters=5, max_clusters=4),
         dict(iterations=0),
         dict(coarse_fraction=1.0),
+        dict(backend="faiss"),
     ):
         with pytest.raises(ValueError):
             ClusterConfig(**bad)
@@ -69,23 +70,25 @@ def test_cluster_layer_keeps_the_cache_dtype():
     assert torch.equal(layer.original_order()[0], keys.bfloat16())
 
 
-def test_spherical_kmeans_never_mixes_planted_directions_and_is_seeded():
+@pytest.mark.parametrize("backend", ["sklearn", "torch"])
+def test_kmeans_never_mixes_planted_directions_and_is_seeded(backend):
+    config = ClusterConfig(iterations=10, seed=0, backend=backend)
     # Over-clustered like a KV cache (C = 4x the true groups): no cluster mixes two directions.
     keys, _, labels = planted_keys(2000, num_directions=8, seed=2, noise=0.05)
-    assignments = spherical_kmeans(keys, 32, iterations=10, seed=0)
+    assignments = kmeans(keys, 32, config)
     for head in range(NUM_KV_HEADS):
         for cluster in range(32):
             assert len(torch.unique(labels[head, assignments[head] == cluster])) <= 1
-    assert torch.equal(assignments, spherical_kmeans(keys, 32, iterations=10, seed=0))
+    assert torch.equal(assignments, kmeans(keys, 32, config))
     # Norm does not matter (up to rounding of the normalisation): clustering is on directions.
     scaled = keys * (0.1 + 5 * torch.rand(NUM_KV_HEADS, 2000, 1))
-    assert (assignments == spherical_kmeans(scaled, 32, iterations=10, seed=0)).float().mean() > 0.99
+    assert (assignments == kmeans(scaled, 32, config)).float().mean() > 0.99
 
 
-def test_spherical_kmeans_reseeds_empty_clusters():
-    # 40 distinct points, 40 clusters, an initialisation that shares points would leave clusters empty.
-    points = torch.randn(NUM_KV_HEADS, 40, HEAD_DIM)
-    assignments = spherical_kmeans(points, 40, iterations=3, seed=0)
+def test_torch_kmeans_reseeds_empty_clusters():
+    # 40 points in 4 tight groups, 40 clusters: Lloyd's alone would empty most clusters.
+    keys, _, _ = planted_keys(40, num_directions=4, seed=4, noise=0.01)
+    assignments = kmeans(keys, 40, ClusterConfig(iterations=50, backend="torch"))
     for head in range(NUM_KV_HEADS):
         assert len(torch.unique(assignments[head])) == 40
 
