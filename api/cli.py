@@ -10,6 +10,7 @@ from api.commands import add_service_commands
 from api.oneshot import DEMO_QUESTION, cmd_demo
 from api.options import add_model_options, add_speculation_options, model_spec
 from api.settings import load_settings
+from eval.cli import add_eval_commands
 
 
 def cmd_models_pull(args, settings) -> int:
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     add_service_commands(sub)
+    add_eval_commands(sub)
 
     demo = sub.add_parser("demo", help="ask the default model a question about a public-domain play")
     demo.add_argument("--question", default=DEMO_QUESTION)
