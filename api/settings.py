@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CALIBRATED_BUDGETS = (0.05, 0.1, 0.2)  # rapid.squeeze.SqueezeConfig.budgets: thresholds stored at ingest
 
 
 class Settings(BaseSettings):
@@ -49,6 +51,40 @@ class Settings(BaseSettings):
     rag_similarity_threshold: float = Field(default=0.1, ge=-1.0, le=1.0)
     loaded_documents: int = Field(default=8, ge=1,
                                   description="documents kept loaded in memory between questions")
+
+    # speculative decoding (every request runs rapid.engine; at temperature 0 the answer is the
+    # target's own greedy answer whatever is chosen here, only the speed changes)
+    drafter: Literal["none", "retrieval", "self", "layer-skip"] = Field(
+        default="self", description="what drafts tokens: 'self' = the target on the RAG context (RAPID), "
+        "'layer-skip' = the target's first layers, 'retrieval' = continuations copied from the document, "
+        "'none' = plain decoding")
+    fuse_retrieval: bool = Field(default=True, description="fuse the retrieval tree into a model drafter's tree")
+    tree_budget: int = Field(default=16, ge=1, description="drafted tokens verified per target forward, at most")
+    layer_skip_layers: int = Field(default=8, ge=1, description="decoder layers of the 'layer-skip' drafter")
+    eta: float = Field(default=0.0, ge=0.0, description="RAPID retrieval-augmented target when sampling: > 0 "
+                       "moves sampled answers toward the RAG drafter ON PURPOSE (the output distribution is "
+                       "no longer the target's); 0 = exact speculative sampling; no effect at temperature 0")
+
+    # the document KV cache (prefilled and clustered at ingest, memory-mapped per question)
+    document_cache: bool = Field(default=True, description="prefill and cluster the target's KV of each "
+                                 "document at ingest and reuse it for every question")
+    document_cache_room: int = Field(default=512, ge=1, description="tokens a cached document must leave in "
+                                     "the model's window for a question and its answer")
+    attention: Literal["dense", "squeezed"] = Field(
+        default="dense", description="how the target reads a cached document: all of it, or the KV "
+        "clusters that matter (Squeezed Attention; approximate)")
+    squeeze_budget: float = Field(default=0.1, gt=0.0, le=1.0,
+                                  description="fraction of the document's keys a query reads ('squeezed')")
+    squeeze_rule: Literal["threshold", "top"] = Field(
+        default="threshold", description="'threshold' = calibrated thresholds (budget 0.05, 0.1 or 0.2), "
+        "'top' = the best clusters up to the budget")
+
+    @model_validator(mode="after")
+    def _calibrated_budget(self):
+        if self.squeeze_rule == "threshold" and self.squeeze_budget not in CALIBRATED_BUDGETS:
+            raise ValueError(f"squeeze_budget must be one of the calibrated {CALIBRATED_BUDGETS} with "
+                             f"squeeze_rule 'threshold', got {self.squeeze_budget}")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

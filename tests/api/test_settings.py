@@ -1,0 +1,45 @@
+"""RAPID_* settings of speculation and the document KV cache, and how LocalBackend reads them."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from api.local_backend import LocalBackend
+from api.settings import Settings
+
+
+def test_speculation_and_cache_settings_from_the_environment(monkeypatch, tmp_path):
+    for name, value in {"DRAFTER": "layer-skip", "FUSE_RETRIEVAL": "false", "TREE_BUDGET": "6",
+                        "LAYER_SKIP_LAYERS": "2", "ETA": "0.5", "ATTENTION": "squeezed", "SQUEEZE_BUDGET": "0.2",
+                        "DOCUMENT_CACHE_ROOM": "300"}.items():
+        monkeypatch.setenv(f"RAPID_{name}", value)
+    settings = Settings(model="tiny", device="cpu", data_dir=tmp_path)
+    backend = LocalBackend.from_settings(settings, load_embedder=False)
+    speculation, cache = backend.config.speculation, backend.config.document_cache
+    assert (speculation.drafter, speculation.fuse_retrieval, speculation.tree_budget, speculation.eta) == (
+        "layer-skip", False, 6, 0.5)
+    assert backend.drafter_runner.model.config.num_hidden_layers == 2
+    assert (cache.enabled, cache.attention, cache.squeeze.budget, cache.squeeze.rule, cache.room) == (
+        True, "squeezed", 0.2, "threshold", 300)
+
+
+def test_defaults_are_rapid_self_speculation_over_the_dense_document():
+    settings = Settings()
+    assert (settings.drafter, settings.fuse_retrieval, settings.tree_budget, settings.layer_skip_layers) == (
+        "self", True, 16, 8)
+    assert (settings.eta, settings.attention, settings.squeeze_budget, settings.document_cache) == (
+        0.0, "dense", 0.1, True)
+
+
+def test_invalid_settings_are_refused(tmp_path):
+    with pytest.raises(ValidationError, match="calibrated"):
+        Settings(squeeze_budget=0.3)
+    assert Settings(squeeze_budget=0.3, squeeze_rule="top").squeeze_budget == 0.3
+    with pytest.raises(ValidationError):
+        Settings(drafter="small")
+    with pytest.raises(ValidationError):
+        Settings(eta=-1)
+    with pytest.raises(ValueError, match="layer-skip"):  # the tiny model has 3 layers
+        LocalBackend.from_settings(Settings(model="tiny", device="cpu", data_dir=tmp_path, drafter="layer-skip"),
+                                   load_embedder=False)
