@@ -6,22 +6,33 @@ rename once complete (a part that exists is reused when an interrupted ingest is
     chunks/     the document's target-tokenizer token ids and chunk spans (+ manifest with checksums)
     index/      the faiss ChunkIndex over the chunk embeddings
     datastore/  the TokenDatastore (suffix index) over the token ids
+    kvcache/    the target's KV of the prompt prefix (template head + document), clustered per layer
+                (`rapid.squeeze`, `kvcache.store`: keyed by model, revision, cluster config, dtype and
+                the prefix ids, CRC-checked, memory-mapped on load). Built when the prefix leaves
+                `document_cache_room` tokens of the window; steps `target_prefill` and `kv_clustering`.
 
-The target prefill and KV clustering of the document cache (kvcache) are not wired in yet: ingest
-records those steps as skipped, and the target reads its prompt per request.
+Prompt layout (a chat template rendered once with a marker where the document goes, so the
+document's stored token ids are spliced in, never re-tokenized). The document sits in the system
+message, so `ask` and a document chat without its own system prompt share one prefix:
 
-Prompt layout for a question (a chat template rendered once with a marker where the document goes,
-so the document's stored token ids are spliced in, never re-tokenized):
-
-    target:  [template before] document ids    [template after: question, assistant turn]
-    drafter: [template before] RAG context ids [template after]
+    target:  [template head] document ids    [template tail: question, assistant turn]
+    drafter: [template head] RAG context ids [template tail]
 
 The target reads the whole document when it fits the model's window with the answer; otherwise it
-reads the RAG context too (reported as `target_context = "retrieved"`).
+reads the RAG context too (reported as `target_context = "retrieved"`). When the target's prompt
+starts with the stored prefix, the engine appends only the tail to the document's KV: a dense cache
+rebuilt once from the clusters (bit-exact; shared, one question at a time, cut back after each
+answer) or, with `attention = "squeezed"`, a fresh tail cache per question over the clusters. Any
+other prompt (a custom system prompt, a raw completion) is prefilled whole, per request.
+
+Decoding is `rapid.engine.SpeculativeEngine` with the configured drafters: the target itself on the
+RAG context ("self", RAPID), its first layers ("layer-skip"), the document's datastore
+("retrieval"), fused. At temperature 0 the answer is the target's greedy answer with any drafter.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -29,11 +40,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
+import torch
 
 from api.backend import (
     ChatMessage,
@@ -52,11 +65,19 @@ from api.errors import IngestCancelled, InvalidParam, NotReady
 from api.settings import Settings
 from api.stops import StopMatcher
 from api.storage import TEXT_FILE, publish_dir
-from rapid.generate import GenerationConfig, GenerationStats, generate
+from kvcache.selection import SelectionRule
+from kvcache.store import CacheError, CacheKey, ClusteredCache, load_cache, save_cache
+from rapid.cache import KVCache
+from rapid.drafters import Drafter
+from rapid.drafters.model import DraftConfig, ModelDrafter, layer_skip_view, model_capacity
+from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel, ModelSpec, load_model
 from rapid.runner import ModelRunner
 from rapid.sampling import SamplingConfig
+from rapid.squeeze import SqueezeConfig, SqueezedDocument, dense_cache, rules_for, squeeze_document
+from rapid.verify import VerifyConfig
 from retrieval.chunking import Chunk, ChunkConfig, chunk_text
 from retrieval.context import RagContext, RagContextBuilder, RagContextConfig
 from retrieval.datastore import DatastoreConfig, TokenDatastore
@@ -70,16 +91,36 @@ T = TypeVar("T")
 CHUNKS_FORMAT = "rapid.document_chunks"
 CHUNKS_VERSION = 1
 DOC_MARK = "\x00rapid-document\x00"  # where the document's ids go in a rendered chat template
-ASK_SYSTEM = "Answer the question using only the document the user gives. Be concise."
-CHAT_SYSTEM = "Use the document below to answer."
+DOCUMENT_SYSTEM = "Answer the question using only the document below. Be concise."
 SNIPPET_CHARS = 200
 EMBED_BATCH = 64  # chunks per embedding call: the granularity of ingest progress and cancellation
-SKIPPED_CACHE = ("the document KV cache (target prefill + clustering) is not built yet; "
-                 "the target reads the prompt")
+KV_FILE = "document.safetensors"
+# overall ingest progress at the start of each stage (the prefill is the slow part of a long document)
+PROGRESS = {"chunk": 0.0, "embed": 0.05, "datastore": 0.35, "prefill": 0.4, "kv_clustering": 0.9, "done": 1.0}
+
+DrafterName = Literal["none", "retrieval", "self", "layer-skip"]
 
 
 class DocumentFormatError(FormatError):
     """Saved chunks that are damaged or were made with another tokenizer or text."""
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    drafter: DrafterName = "self"
+    fuse_retrieval: bool = True  # add the datastore's retrieval tree to a model drafter's tree
+    tree_budget: int = 16
+    layer_skip_layers: int = 8
+    eta: float = 0.0  # RAPID retrieval-augmented target: > 0 moves sampled answers toward the drafter
+    draft: DraftConfig = field(default_factory=DraftConfig)
+
+
+@dataclass(frozen=True)
+class DocumentCacheConfig:
+    enabled: bool = True
+    room: int = 512  # window tokens a cached prefix must leave for the question and answer
+    attention: Literal["dense", "squeezed"] = "dense"
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)  # clustering, calibration, budget, rule
 
 
 @dataclass(frozen=True)
@@ -89,6 +130,19 @@ class LocalBackendConfig:
     datastore: DatastoreConfig
     prefill_chunk: int = 1024
     loaded_documents: int = 8
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    document_cache: DocumentCacheConfig = field(default_factory=DocumentCacheConfig)
+
+
+@dataclass
+class DocumentKV:
+    """A document's stored target KV (template head + document), loaded for questions."""
+
+    prefix_len: int
+    clustered: ClusteredCache  # on the model's device (memory-mapped on CPU)
+    rules: list[SelectionRule]  # per layer, for squeezed attention
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held by the question using `dense`
+    dense: KVCache | None = None  # dense attention: rebuilt from the clusters once, cut back after each use
 
 
 @dataclass
@@ -99,6 +153,7 @@ class DocumentState:
     chunks: list[Chunk]
     rag: RagContextBuilder
     datastore: TokenDatastore
+    kv: DocumentKV | None  # None: no usable stored KV, the target prefills its prompt per request
 
 
 @dataclass(frozen=True)
@@ -111,6 +166,17 @@ class PromptLayout:
     param: str  # the request field the prompt came from, for error messages
 
 
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What one generation reads: the target's prompt, the drafters' views, the stored KV if it applies."""
+
+    prompt_ids: list[int]  # the target's whole prompt
+    draft_ids: list[int]  # a model drafter's prompt (head + RAG context + tail)
+    datastore: TokenDatastore | None  # the retrieval drafter's source (the document, or the prompt itself)
+    query_ids: list[int]  # the retrieval drafter's starting context (what follows the document)
+    kv: DocumentKV | None = None  # set when prompt_ids = the stored prefix + query_ids
+
+
 class LocalBackend:
     def __init__(self, lm: LoadedModel, embedder: Embedder, config: LocalBackendConfig):
         if lm.tokenizer is None or not getattr(lm.tokenizer, "is_fast", False):
@@ -120,8 +186,14 @@ class LocalBackend:
         self.embedder = embedder
         self.config = config
         self.runner = ModelRunner(lm.model, prefill_chunk=config.prefill_chunk)
+        speculation = config.speculation
+        self.drafter_runner = {"self": self.runner, "none": None, "retrieval": None}.get(speculation.drafter)
+        if speculation.drafter == "layer-skip":
+            view = layer_skip_view(lm.model, speculation.layer_skip_layers)
+            self.drafter_runner = ModelRunner(view, prefill_chunk=config.prefill_chunk)
         eos = (self.tokenizer.eos_token_id, lm.config.eos_token_id)
         self.stop_ids = tuple(sorted({t for t in eos if isinstance(t, int)}))
+        self.document_head = self._split(self._render(self._document_messages(DOCUMENT_SYSTEM, [])), "", "").before
         self._embed_lock = threading.Lock()  # the embedder's tokenizer is not safe across threads
         self._documents: OrderedDict[Path, DocumentState] = OrderedDict()
         self._documents_lock = threading.Lock()
@@ -137,9 +209,16 @@ class LocalBackend:
         context = int(lm.max_context)
         rag = RagContextConfig(min_tokens=settings.rag_min_tokens, max_tokens=max(1, context * 3 // 4),
                                similarity_threshold=settings.rag_similarity_threshold)
+        speculation = SpeculationConfig(drafter=settings.drafter, fuse_retrieval=settings.fuse_retrieval,
+                                        tree_budget=settings.tree_budget,
+                                        layer_skip_layers=settings.layer_skip_layers, eta=settings.eta)
+        squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule)
+        document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
+                                             attention=settings.attention, squeeze=squeeze)
         config = LocalBackendConfig(chunk=ChunkConfig(chunk_tokens=settings.chunk_tokens), rag=rag,
                                     datastore=DatastoreConfig(), prefill_chunk=settings.prefill_chunk,
-                                    loaded_documents=settings.loaded_documents)
+                                    loaded_documents=settings.loaded_documents, speculation=speculation,
+                                    document_cache=document_cache)
         return cls(lm, embedder, config)
 
     @property
@@ -157,22 +236,22 @@ class LocalBackend:
             if cancel.is_set():
                 raise IngestCancelled(str(doc_dir))
 
-        progress("chunk", 0.0)
+        progress("chunk", PROGRESS["chunk"])
         (token_ids, chunks), chunk_step = self._part(
             doc_dir, "chunks", lambda d: self._load_chunks(d, text), lambda d: self._build_chunks(d, text))
         check()
-        progress("embed", 0.1)
+        progress("embed", PROGRESS["embed"])
         index, index_step = self._part(
             doc_dir, "index", lambda d: ChunkIndex.load(d, self.embedder.name, count=len(chunks)),
             lambda d: self._build_index(d, chunks, progress, check))
         check()
-        progress("datastore", 0.85)
+        progress("datastore", PROGRESS["datastore"])
         _, datastore_step = self._part(
             doc_dir, "datastore", self._load_datastore, lambda d: self._build_datastore(d, token_ids))
-        progress("done", 1.0)
-        steps = (chunk_step, index_step, datastore_step,
-                 IngestStep("target_prefill", "skipped", detail=SKIPPED_CACHE),
-                 IngestStep("kv_clustering", "skipped", detail=SKIPPED_CACHE))
+        check()
+        cache_steps = self._ingest_kv(doc_dir, token_ids, progress, check)
+        progress("done", PROGRESS["done"])
+        steps = (chunk_step, index_step, datastore_step, *cache_steps)
         return IngestInfo(num_tokens=len(token_ids), num_chunks=len(chunks), steps=steps)
 
     def _part(self, doc_dir: Path, name: str, load: Callable[[Path], T],
@@ -183,7 +262,7 @@ class LocalBackend:
         if final.is_dir():
             try:
                 return load(final), IngestStep(name, "reused", time.perf_counter() - start)
-            except (FormatError, ValueError, OSError) as err:
+            except (FormatError, CacheError, ValueError, OSError) as err:
                 log.warning("rebuilding %s: %s", final, err)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -229,11 +308,12 @@ class LocalBackend:
     def _build_index(self, folder: Path, chunks: Sequence[Chunk], progress: ProgressFn,
                      check: Callable[[], None]) -> ChunkIndex:
         parts = []
+        begin_at, end_at = PROGRESS["embed"], PROGRESS["datastore"]
         for begin in range(0, len(chunks), EMBED_BATCH):
             check()
             with self._embed_lock:
                 parts.append(self.embedder.embed([c.text for c in chunks[begin:begin + EMBED_BATCH]]))
-            progress("embed", 0.1 + 0.7 * min(begin + EMBED_BATCH, len(chunks)) / len(chunks))
+            progress("embed", begin_at + (end_at - begin_at) * min(begin + EMBED_BATCH, len(chunks)) / len(chunks))
         index = ChunkIndex.build(np.concatenate(parts), self.embedder.name)
         index.save(folder)
         return index
@@ -246,12 +326,84 @@ class LocalBackend:
     def _load_datastore(self, folder: Path) -> TokenDatastore:
         return TokenDatastore.load(folder, self.config.datastore)
 
+    # ---- the document KV cache -------------------------------------------------------------------
+
+    def _kv_skip_reason(self, prefix_len: int) -> str | None:
+        """Why a document whose prompt prefix has `prefix_len` tokens gets no stored KV (None: it does)."""
+        if not self.config.document_cache.enabled:
+            return "the document KV cache is off (RAPID_DOCUMENT_CACHE=false): the target reads the prompt"
+        room = self.config.document_cache.room
+        if prefix_len + room > self.max_context:
+            return (f"the prompt prefix is {prefix_len} tokens; with {room} tokens of room for a question and "
+                    f"its answer that passes the model's {self.max_context}-token window: questions read the "
+                    "retrieved chunks (or the whole prompt, prefilled per request, when it fits)")
+        return None
+
+    def _kv_key(self, prefix_ids: list[int]) -> CacheKey:
+        dtype = next(self.lm.model.parameters()).dtype
+        return CacheKey.build(self.lm.model_id, self.lm.revision, self.config.document_cache.squeeze.cluster, dtype,
+                              prefix_ids)
+
+    def _ingest_kv(self, doc_dir: Path, token_ids: np.ndarray, progress: ProgressFn,
+                   check: Callable[[], None]) -> tuple[IngestStep, IngestStep]:
+        """Steps `target_prefill` and `kv_clustering`: prefill the prompt prefix, cluster, save."""
+        prefix_ids = self.document_head + token_ids.tolist()
+        skipped = self._kv_skip_reason(len(prefix_ids))
+        if skipped is not None:
+            return (IngestStep("target_prefill", "skipped", detail=skipped),
+                    IngestStep("kv_clustering", "skipped", detail=skipped))
+        key = self._kv_key(prefix_ids)
+        timings: dict[str, float] = {}
+        start_at, end_at = PROGRESS["prefill"], PROGRESS["kv_clustering"]
+
+        def on_chunk(done: int, total: int) -> None:
+            progress("prefill", start_at + (end_at - start_at) * done / total)
+            check()  # raises IngestCancelled between two prefill chunks
+
+        def build(folder: Path) -> ClusteredCache:
+            progress("prefill", start_at)
+            start = time.perf_counter()
+            squeezed, _ = squeeze_document(self.runner, prefix_ids, self.config.document_cache.squeeze,
+                                           on_chunk=on_chunk)
+            clustering = squeezed.cluster_seconds + squeezed.calibrate_seconds
+            timings["prefill"] = time.perf_counter() - start - clustering
+            progress("kv_clustering", end_at)
+            start = time.perf_counter()
+            save_cache(folder / KV_FILE, squeezed.clustered, key)
+            timings["clustering"] = clustering + time.perf_counter() - start
+            return squeezed.clustered
+
+        _, step = self._part(doc_dir, "kvcache", lambda d: load_cache(d / KV_FILE, key), build)
+        if step.status == "reused":
+            return (IngestStep("target_prefill", "reused"), IngestStep("kv_clustering", "reused", step.seconds))
+        return (IngestStep("target_prefill", "done", timings["prefill"]),
+                IngestStep("kv_clustering", "done", timings["clustering"]))
+
+    def _load_kv(self, doc_dir: Path, token_ids: np.ndarray) -> DocumentKV | None:
+        """The stored KV of a document, or None (with a warning where one should exist but cannot be used)."""
+        prefix_ids = self.document_head + token_ids.tolist()
+        if self._kv_skip_reason(len(prefix_ids)) is not None:
+            return None
+        path = doc_dir / "kvcache" / KV_FILE
+        if not path.is_file():
+            log.warning("document %s has no stored KV cache (ingested before it existed, or without it): its "
+                        "questions prefill the whole prompt; upload it again to build one", doc_dir.name)
+            return None
+        try:
+            clustered = load_cache(path, self._kv_key(prefix_ids))
+        except (CacheError, OSError) as err:
+            log.warning("not using the stored KV cache of document %s (%s): its questions prefill the whole "
+                        "prompt; upload it again to rebuild it", doc_dir.name, err)
+            return None
+        clustered = _on_device(clustered, self.runner.device)
+        squeeze = self.config.document_cache.squeeze
+        return DocumentKV(len(prefix_ids), clustered, rules_for(clustered, squeeze.budget, squeeze.rule))
+
     # ---- questions and completions ---------------------------------------------------------------
 
     def ask(self, doc_dir: Path, question: str, params: GenerationParams,
             cancel: threading.Event) -> Iterator[Piece]:
-        content = f"Document:\n{DOC_MARK}\n\nQuestion: {question.replace(DOC_MARK, '')}"
-        messages = [ChatMessage("system", ASK_SYSTEM), ChatMessage("user", content)]
+        messages = self._document_messages(DOCUMENT_SYSTEM, [ChatMessage("user", question.replace(DOC_MARK, ""))])
         layout = self._split(self._render(messages), query=question, param="question")
         return self._grounded(doc_dir, layout, params, cancel)
 
@@ -259,23 +411,26 @@ class LocalBackend:
                  doc_dir: Path | None = None) -> Iterator[Piece]:
         if isinstance(prompt, str):
             if doc_dir is None:
-                ids = self._encode(prompt)
-                return self._stream(self._fit(ids, params, "prompt"), ids, None, params, cancel, (),
-                                    SpecStats(), "prompt")
+                return self._ungrounded(self._encode(prompt), params, cancel, "prompt")
             layout = PromptLayout([], self._encode("\n\n" + prompt), query=prompt, param="prompt")
             return self._grounded(doc_dir, layout, params, cancel)
         if doc_dir is None:
-            ids = self._encode(self._render(prompt))
-            return self._stream(self._fit(ids, params, "messages"), ids, None, params, cancel, (),
-                                SpecStats(), "prompt")
+            return self._ungrounded(self._encode(self._render(prompt)), params, cancel, "messages")
         messages = [ChatMessage(m.role, m.content.replace(DOC_MARK, "")) for m in prompt]
+        system = DOCUMENT_SYSTEM
         if messages and messages[0].role == "system":
-            messages[0] = ChatMessage("system", f"{messages[0].content}\n\nDocument:\n{DOC_MARK}")
-        else:
-            messages.insert(0, ChatMessage("system", f"{CHAT_SYSTEM}\n\nDocument:\n{DOC_MARK}"))
+            system, messages = messages[0].content, messages[1:]
         query = next((m.content for m in reversed(prompt) if m.role == "user"), "")
-        return self._grounded(doc_dir, self._split(self._render(messages), query=query, param="messages"),
-                              params, cancel)
+        layout = self._split(self._render(self._document_messages(system, messages)), query=query, param="messages")
+        return self._grounded(doc_dir, layout, params, cancel)
+
+    def _ungrounded(self, ids: list[int], params: GenerationParams, cancel: threading.Event,
+                    param: str) -> Iterator[Piece]:
+        """A prompt without a document: drafters read the prompt (retrieval = prompt lookup)."""
+        ids = self._fit(ids, params, param)
+        datastore = TokenDatastore.build([ids], self.config.datastore) if self._uses_retrieval else None
+        request = DecodeRequest(ids, ids, datastore, ids)
+        return self._stream(request, params, cancel, (), SpecStats(), "prompt")
 
     def _grounded(self, doc_dir: Path, layout: PromptLayout, params: GenerationParams,
                   cancel: threading.Event) -> Iterator[Piece]:
@@ -287,19 +442,20 @@ class LocalBackend:
         rag_ids = layout.before + context.token_ids.tolist() + layout.after
         doc_ids = layout.before + doc.token_ids.tolist() + layout.after
         if len(doc_ids) + params.max_tokens <= self.max_context:
-            prompt_ids, target_context = doc_ids, "document"
+            kv = doc.kv if layout.before == self.document_head else None
+            request = DecodeRequest(doc_ids, rag_ids, doc.datastore, layout.after, kv)
+            target_context = "document"
         else:
-            prompt_ids, target_context = self._fit(rag_ids, params, layout.param), "retrieved"
+            prompt_ids = self._fit(rag_ids, params, layout.param)
+            request, target_context = DecodeRequest(prompt_ids, rag_ids, doc.datastore, layout.after), "retrieved"
         citations = tuple(
             Citation(s.chunk_index, s.char_start, s.char_end, s.token_start, s.token_end, round(s.score, 4),
                      doc.chunks[s.chunk_index].text[:SNIPPET_CHARS])
             for s in context.sources)
-        return self._stream(prompt_ids, rag_ids, doc.datastore, params, cancel, citations, spec,
-                            target_context)
+        return self._stream(request, params, cancel, citations, spec, target_context)
 
-    def _stream(self, prompt_ids: list[int], rag_ids: list[int], datastore: TokenDatastore | None,
-                params: GenerationParams, cancel: threading.Event, citations: tuple[Citation, ...],
-                spec: SpecStats, target_context: str) -> Iterator[Piece]:
+    def _stream(self, request: DecodeRequest, params: GenerationParams, cancel: threading.Event,
+                citations: tuple[Citation, ...], spec: SpecStats, target_context: str) -> Iterator[Piece]:
         """Decode, detokenize and apply stop strings; the last piece carries the `Final`."""
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(params.stop)
@@ -307,47 +463,103 @@ class LocalBackend:
         finish = "length"
         hit_stop_string = False
         tail = ""
-        for token in self._decode(prompt_ids, rag_ids, datastore, params, cancel, spec):
-            generated += 1
-            pending += 1
-            if token in self.stop_ids:
-                finish = "stop"
-                break
-            text, hit_stop_string = stops.feed(detok.push(token))
-            if hit_stop_string:
-                finish, tail = "stop", text
-                break
-            if text:
-                yield Piece(text, pending)
-                pending = 0
+        with closing(self._decode(request, params, cancel, spec)) as tokens:  # closing frees the shared KV
+            for token in tokens:
+                generated += 1
+                pending += 1
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                text, hit_stop_string = stops.feed(detok.push(token))
+                if hit_stop_string:
+                    finish, tail = "stop", text
+                    break
+                if text:
+                    yield Piece(text, pending)
+                    pending = 0
         if cancel.is_set():
             return
         if not hit_stop_string:
             text, hit_stop_string = stops.feed(detok.flush())
             tail = text if hit_stop_string else text + stops.flush()
             finish = "stop" if hit_stop_string else finish
-        usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated)
+        usage = Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=generated)
         yield Piece(tail, pending, Final(finish, usage, spec, citations, target_context))
 
-    def _decode(self, prompt_ids: list[int], rag_ids: list[int], datastore: TokenDatastore | None,
-                params: GenerationParams, cancel: threading.Event, spec: SpecStats) -> Iterator[int]:
-        """The one decoding call: new token ids of the target given `prompt_ids`, stats into `spec`.
-
-        `rag_ids` (the drafter's prompt: RAG context + question) and `datastore` (retrieval trees) are
-        what speculative decoding will use; this autoregressive loop reads only `prompt_ids`, so its
-        speculation counters stay zero.
-        """
+    def _decode(self, request: DecodeRequest, params: GenerationParams, cancel: threading.Event,
+                spec: SpecStats) -> Iterator[int]:
+        """The one decoding call: the target's new token ids for `request`, the engine's stats into `spec`."""
+        speculation = self.config.speculation
         sampling = SamplingConfig(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   seed=params.seed)
-        config = GenerationConfig(max_new_tokens=params.max_tokens, stop_token_ids=self.stop_ids,
-                                  sampling=sampling)
-        stats = GenerationStats()
-        for token in generate(self.runner, prompt_ids, config, stats):
-            if cancel.is_set():
-                return
-            spec.prefill_seconds, spec.decode_seconds = stats.prefill_seconds, stats.decode_seconds
-            spec.num_emitted_tokens += 1
-            yield token
+        config = EngineConfig(max_new_tokens=params.max_tokens, stop_token_ids=self.stop_ids,
+                              tree_budget=speculation.tree_budget, min_budget=min(4, speculation.tree_budget),
+                              verify=VerifyConfig(sampling=sampling, eta=speculation.eta))
+        engine = SpeculativeEngine(self.runner, config)
+        drafters = self._drafters(request, params.max_tokens, sampling)
+        with self._target_cache(request, config) as (cache, new_ids):
+            for tokens in engine.generate(cache, new_ids, drafters, spec, cancel):
+                for token in tokens:
+                    if cancel.is_set():
+                        return
+                    yield token
+
+    def _drafters(self, request: DecodeRequest, max_tokens: int, sampling: SamplingConfig) -> list[Drafter]:
+        """The configured drafters, model drafter first (RASD prunes the retrieval tree by its distribution).
+
+        The target itself ("self") drafts only from a context shorter than its own prompt: on the same
+        prompt it would be the target twice over.
+        """
+        speculation = self.config.speculation
+        drafters: list[Drafter] = []
+        runner = self.drafter_runner
+        if runner is self.runner and request.draft_ids == request.prompt_ids:
+            runner = None
+        if runner is not None:
+            generator = None
+            if not sampling.greedy:  # its own random stream, not the verifier's
+                generator = replace(sampling, seed=None if sampling.seed is None else sampling.seed + 1).generator(
+                    self.runner.device)
+            capacity = model_capacity(max_tokens, speculation.tree_budget)
+            drafters.append(ModelDrafter(runner, request.draft_ids, capacity, speculation.draft, sampling, generator))
+        if self._uses_retrieval and request.datastore is not None:
+            drafters.append(RetrievalDrafter(request.datastore, request.query_ids))
+        return drafters
+
+    @property
+    def _uses_retrieval(self) -> bool:
+        speculation = self.config.speculation
+        return speculation.drafter == "retrieval" or (speculation.drafter != "none" and speculation.fuse_retrieval)
+
+    @contextmanager
+    def _target_cache(self, request: DecodeRequest, config: EngineConfig) -> Iterator[tuple[KVCache, list[int]]]:
+        """The target's cache for `request` and the ids the engine appends to it.
+
+        Without stored KV: a fresh cache, the whole prompt. With it: the document's dense cache (shared,
+        one question at a time, cut back to the document afterwards; a busy one is copied) or a squeezed
+        tail cache over its clusters; either way only the tail after the document is appended.
+        """
+        kv = request.kv
+        if kv is None:
+            yield self.runner.new_cache(config.capacity(len(request.prompt_ids))), request.prompt_ids
+            return
+        tail = config.capacity(len(request.query_ids))
+        if self.config.document_cache.attention == "squeezed":
+            document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len)
+            yield self.runner.new_tail_cache(document, tail), request.query_ids
+            return
+        if not kv.lock.acquire(blocking=False):
+            yield dense_cache(kv.clustered, kv.prefix_len + tail), request.query_ids
+            return
+        try:
+            if kv.dense is None or kv.dense.capacity < kv.prefix_len + tail:
+                kv.dense = None  # free the old one before allocating the larger one
+                kv.dense = dense_cache(kv.clustered, kv.prefix_len + max(tail, self.config.document_cache.room))
+            yield kv.dense, request.query_ids
+        finally:
+            if kv.dense is not None:
+                kv.dense.truncate(kv.prefix_len)
+            kv.lock.release()
 
     def _fit(self, prompt_ids: list[int], params: GenerationParams, param: str) -> list[int]:
         """`prompt_ids` if it and `max_tokens` fit the model's window, else an error naming the field."""
@@ -366,6 +578,11 @@ class LocalBackend:
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    @staticmethod
+    def _document_messages(system: str, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        """A chat grounded in a document: the document closes the system message (a shared prefix)."""
+        return [ChatMessage("system", f"{system}\n\nDocument:\n{DOC_MARK}"), *messages]
 
     def _render(self, messages: Sequence[ChatMessage]) -> str:
         """The chat prompt as text (the tokenizer's chat template, or plain `role: content` lines)."""
@@ -401,4 +618,20 @@ class LocalBackend:
         token_ids, chunks = self._load_chunks(doc_dir / "chunks", text)
         index = ChunkIndex.load(doc_dir / "index", self.embedder.name, count=len(chunks))
         rag = RagContextBuilder(self.embedder, index, chunks, token_ids, self.config.rag)
-        return DocumentState(token_ids, chunks, rag, self._load_datastore(doc_dir / "datastore"))
+        datastore = self._load_datastore(doc_dir / "datastore")
+        return DocumentState(token_ids, chunks, rag, datastore, self._load_kv(doc_dir, token_ids))
+
+
+def _on_device(clustered: ClusteredCache, device: torch.device) -> ClusteredCache:
+    """`clustered` with its tensors on `device` (on the CPU: unchanged, still memory-mapped)."""
+    if device.type == "cpu":
+        return clustered
+
+    def moved(record):
+        return replace(record, **{f.name: getattr(record, f.name).to(device) for f in dataclasses.fields(record)
+                                  if isinstance(getattr(record, f.name), torch.Tensor)})
+
+    layers = tuple(replace(moved(layer), coarse=None if layer.coarse is None else moved(layer.coarse))
+                   for layer in clustered.layers)
+    thresholds = None if clustered.thresholds is None else tuple(moved(t) for t in clustered.thresholds)
+    return ClusteredCache(layers, thresholds)
