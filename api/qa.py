@@ -229,7 +229,7 @@ class DocumentQA:
         runner = self.drafter_runner.get(config.drafter)
         if runner is not None:
             context = self.prompt.head_ids + rag.token_ids.tolist() + question_ids
-            generator = options.sampling.generator() if not options.sampling.greedy else None
+            generator = options.sampling.generator(runner.device) if not options.sampling.greedy else None
             room = options.max_new_tokens + config.tree_budget + 2
             drafters.append(ModelDrafter(runner, context, room, config.draft, options.sampling, generator))
         if config.drafter == "retrieval" or (runner is not None and config.fuse_retrieval):

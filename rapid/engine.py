@@ -74,7 +74,7 @@ class SpeculativeEngine:
             raise ValueError(f"target cache holds {cache.capacity} tokens; this request needs "
                              f"{cache.length + config.capacity(len(prompt_ids))}")
         sampling = config.verify.sampling
-        gen = None if sampling.greedy else sampling.generator()
+        gen = None if sampling.greedy else sampling.generator(self.runner.device)
         with _timed(stats, "prefill"):
             logits = self.runner.prefill(cache, prompt_ids)
             for drafter in drafters:

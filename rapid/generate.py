@@ -53,7 +53,7 @@ def generate(runner: ModelRunner, prompt_ids: list[int], config: GenerationConfi
     stats.prompt_tokens = len(prompt_ids)
     if cache is None:
         cache = runner.new_cache(len(prompt_ids) + config.max_new_tokens)
-    gen = config.sampling.generator() if not config.sampling.greedy else None
+    gen = config.sampling.generator(runner.device) if not config.sampling.greedy else None
     start = time.perf_counter()
     logits = runner.prefill(cache, prompt_ids, show_progress=show_progress)
     stats.prefill_seconds = time.perf_counter() - start

@@ -81,7 +81,8 @@ def accept_sampling(tree: TokenTree, target_logits: torch.Tensor, config: Verify
     """Recursive rejection sampling down the tree (see the module docstring)."""
     target = warp(target_logits, config.sampling)  # [N, V]
     children = tree.children()
-    uniform = torch.rand(len(tree), max(1, max(len(c) for c in children)), generator=generator)
+    uniform = torch.rand(len(tree), max(1, max(len(c) for c in children)), generator=generator,
+                         device=target.device)
     node, path = 0, [0]
     while True:
         residual = target[node]
