@@ -68,9 +68,8 @@ from api.storage import TEXT_FILE, publish_dir
 from kvcache.selection import SelectionRule
 from kvcache.store import CacheError, CacheKey, ClusteredCache, load_cache, save_cache
 from rapid.cache import KVCache
-from rapid.drafters import Drafter
-from rapid.drafters.model import DraftConfig, ModelDrafter, layer_skip_view, model_capacity
-from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.drafters import Drafter, build_drafters
+from rapid.drafters.model import DraftConfig, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel, ModelSpec, load_model
@@ -511,20 +510,11 @@ class LocalBackend:
         prompt it would be the target twice over.
         """
         speculation = self.config.speculation
-        drafters: list[Drafter] = []
         runner = self.drafter_runner
         if runner is self.runner and request.draft_ids == request.prompt_ids:
             runner = None
-        if runner is not None:
-            generator = None
-            if not sampling.greedy:  # its own random stream, not the verifier's
-                generator = replace(sampling, seed=None if sampling.seed is None else sampling.seed + 1).generator(
-                    self.runner.device)
-            capacity = model_capacity(max_tokens, speculation.tree_budget)
-            drafters.append(ModelDrafter(runner, request.draft_ids, capacity, speculation.draft, sampling, generator))
-        if self._uses_retrieval and request.datastore is not None:
-            drafters.append(RetrievalDrafter(request.datastore, request.query_ids))
-        return drafters
+        return build_drafters(runner, request.draft_ids, request.datastore, request.query_ids, self._uses_retrieval,
+                              speculation.draft, max_tokens, speculation.tree_budget, sampling)
 
     @property
     def _uses_retrieval(self) -> bool:

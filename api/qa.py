@@ -23,9 +23,8 @@ from typing import Literal
 import numpy as np
 
 from rapid.cache import KVCache
-from rapid.drafters import Drafter
-from rapid.drafters.model import DraftConfig, ModelDrafter, layer_skip_view
-from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.drafters import Drafter, build_drafters
+from rapid.drafters.model import DraftConfig, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel
@@ -225,16 +224,11 @@ class DocumentQA:
     def _drafters(self, document: Document, rag: RagContext, question_ids: list[int],
                   options: AskOptions) -> list[Drafter]:
         config = self.config
-        drafters: list[Drafter] = []
         runner = self.drafter_runner.get(config.drafter)
-        if runner is not None:
-            context = self.prompt.head_ids + rag.token_ids.tolist() + question_ids
-            generator = options.sampling.generator(runner.device) if not options.sampling.greedy else None
-            room = options.max_new_tokens + config.tree_budget + 2
-            drafters.append(ModelDrafter(runner, context, room, config.draft, options.sampling, generator))
-        if config.drafter == "retrieval" or (runner is not None and config.fuse_retrieval):
-            drafters.append(RetrievalDrafter(document.datastore, question_ids))
-        return drafters
+        use_retrieval = config.drafter == "retrieval" or (runner is not None and config.fuse_retrieval)
+        return build_drafters(runner, self.prompt.head_ids + rag.token_ids.tolist() + question_ids,
+                              document.datastore, question_ids, use_retrieval, config.draft,
+                              options.max_new_tokens, config.tree_budget, options.sampling)
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.target.tokenizer.decode(token_ids, skip_special_tokens=True)

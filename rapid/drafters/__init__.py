@@ -23,3 +23,31 @@ class Drafter(Protocol):
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:
         """A tree of at most `budget` nodes besides the root `new_tokens[-1]`."""
+
+
+def build_drafters(runner, draft_ids: list[int], datastore, query_ids: list[int], use_retrieval: bool, config,
+                   max_new_tokens: int, tree_budget: int, sampling) -> list[Drafter]:
+    """The drafters of one request, model drafter first (RASD prunes retrieval trees by its distribution).
+
+    runner: the drafter model's `ModelRunner` (the target's own for self-speculation, a layer-skip view,
+    a smaller model), or None for no model drafter; draft_ids: its context (RAG context + question);
+    datastore / query_ids: the retrieval drafter's index and the tokens its lookups start from.
+    A sampling drafter gets its own random stream (seed + 1): drawing drafts from the verifier's stream
+    would correlate proposals with acceptance tests and break exactness.
+    """
+    from dataclasses import replace
+
+    from rapid.drafters.model import ModelDrafter, model_capacity
+    from rapid.drafters.retrieval import RetrievalDrafter
+
+    drafters: list[Drafter] = []
+    if runner is not None:
+        generator = None
+        if not sampling.greedy:
+            seed = None if sampling.seed is None else sampling.seed + 1
+            generator = replace(sampling, seed=seed).generator(runner.device)
+        capacity = model_capacity(max_new_tokens, tree_budget)
+        drafters.append(ModelDrafter(runner, draft_ids, capacity, config, sampling, generator))
+    if use_retrieval and datastore is not None:
+        drafters.append(RetrievalDrafter(datastore, query_ids))
+    return drafters
