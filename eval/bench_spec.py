@@ -9,8 +9,10 @@ document state:
   hf-lookup     transformers prompt lookup decoding (`prompt_lookup_num_tokens`)
   spec-*        our engine with each drafter (retrieval, self = RAPID's RAG self-speculation, layer-skip,
                 and fused = model drafter + retrieval tree)
-transformers methods get the document prefilled into a DynamicCache too, so every timing covers the
-question's prefill and the answer's decoding only. Contexts past the native 8K use YaRN. Outputs are
+transformers methods get the document prefilled into a DynamicCache too. `tokens_per_s` covers one
+question end to end after ingest (question prefill, retrieval, the drafter's prefill on its RAG context,
+decoding); `decode_tokens_per_s` counts from the first answer token to the last. Contexts past the
+native 8K use YaRN. Outputs are
 checked token for token against `ar`. Last line: one JSON object.
 
     python -m eval.bench_spec                               # 4K 8K 16K
@@ -28,8 +30,8 @@ import time
 import torch
 
 from api.qa import AskOptions, DocumentQA, QAConfig
-from eval.bench_decode import native_context, yarn_for
-from rapid.generate import GenerationConfig, generate
+from eval.bench_decode import TokenClock, native_context, yarn_for
+from rapid.generate import GenerationConfig, GenerationStats, generate
 from rapid.models import ModelSpec, load_model
 from retrieval.embedding import Embedder
 from retrieval.texts import shakespeare_works
@@ -68,15 +70,22 @@ def hf_prefill(model, token_ids: list[int], chunk: int):
 
 
 def hf_answer(model, method: str, doc_cache, full_ids: list[int], new_tokens: int, stop: list[int],
-              layers: int) -> tuple[list[int], float]:
+              layers: int) -> tuple[list[int], float, float]:
     extra = {"hf-generate": {}, "hf-early-exit": {"assistant_early_exit": layers},
              "hf-lookup": {"prompt_lookup_num_tokens": 10}}[method]
     cache = copy.deepcopy(doc_cache)
+    clock = TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(torch.tensor([full_ids]), cache=cache, max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=stop, pad_token_id=stop[0], **extra)
-    return out[0, len(full_ids):].tolist(), time.perf_counter() - start
+                             eos_token_id=stop, pad_token_id=stop[0], streamer=clock, **extra)
+    tokens = out[0, len(full_ids):].tolist()
+    return tokens, time.perf_counter() - start, decode_rate(len(tokens), clock.times[1], clock.times[-1])
+
+
+def decode_rate(num_tokens: int, first: float, last: float) -> float:
+    """Tokens per second after the first token (prefills excluded)."""
+    return (num_tokens - 1) / (last - first) if num_tokens > 1 and last > first else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,40 +124,47 @@ def main(argv: list[str] | None = None) -> dict:
         lengths: dict[str, list[float]] = {}
         identical: dict[str, bool] = {}
         tokens: dict[str, int] = {}
+        rates: dict[str, list[float]] = {}
         for question in QUESTIONS[: args.questions]:
             question_ids = ar_qa.prompt.question_ids(question)
             gen_config = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=tuple(stop))
             start = time.perf_counter()
-            reference = list(generate(ar_qa.runner, question_ids, gen_config, cache=document.cache))
+            ar_stats = GenerationStats()
+            reference = list(generate(ar_qa.runner, question_ids, gen_config, ar_stats, cache=document.cache))
             elapsed = time.perf_counter() - start
             document.cache.truncate(document.prefix_len)
-            results = {"ar": (reference, elapsed, 1.0)}
+            results = {"ar": (reference, elapsed, 1.0, (len(reference) - 1) / ar_stats.decode_seconds)}
             for name, qa in qas.items():
                 start = time.perf_counter()
                 answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
                 out = [t for chunk in answer.tokens for t in chunk]
-                results[name] = (out, time.perf_counter() - start, answer.stats.mean_acceptance_length)
+                stats = answer.stats
+                results[name] = (out, time.perf_counter() - start, stats.mean_acceptance_length,
+                                 (len(out) - 1) / stats.decode_seconds if stats.decode_seconds else float("nan"))
             if hf_cache is not None:
                 lm.model.config._attn_implementation = "sdpa"
                 full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
                 for name in HF_METHODS:
-                    out, seconds = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
-                                             args.layer_skip_layers)
-                    results[name] = (out, seconds, float("nan"))
+                    out, seconds, rate = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
+                                                   args.layer_skip_layers)
+                    results[name] = (out, seconds, float("nan"), rate)
                 lm.model.config._attn_implementation = "rapid"
-            for name, (out, seconds, mal) in results.items():
+            for name, (out, seconds, mal, rate) in results.items():
                 times.setdefault(name, []).append(len(out) / seconds)
+                rates.setdefault(name, []).append(rate)
                 lengths.setdefault(name, []).append(mal)
                 identical[name] = identical.get(name, True) and out == reference
                 tokens[name] = tokens.get(name, 0) + len(out)
             print(f"  {context} tokens | {question[:40]!r}: " + ", ".join(
-                f"{n} {len(o) / s:.1f} tok/s" for n, (o, s, _) in results.items()), flush=True)
-        ar_speed = statistics.median(times["ar"])
+                f"{n} {len(o) / s:.1f} tok/s" for n, (o, s, _, _) in results.items()), flush=True)
+        ar_speed, ar_rate = statistics.median(times["ar"]), statistics.median(rates["ar"])
         hf_assisted = statistics.median(times["hf-early-exit"]) if "hf-early-exit" in times else None
         for name in times:
             speed = statistics.median(times[name])
+            rate = statistics.median(rates[name])
             row = {"context": context, "method": name, "tokens_per_s": round(speed, 3),
                    "speedup_vs_ar": round(speed / ar_speed, 3),
+                   "decode_tokens_per_s": round(rate, 3), "decode_speedup_vs_ar": round(rate / ar_rate, 3),
                    "speedup_vs_hf_early_exit": round(speed / hf_assisted, 3) if hf_assisted else None,
                    "mean_acceptance_length": round(statistics.median(lengths[name]), 3)
                    if name.startswith("spec") else None,
@@ -156,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "rope_scaling": scaling.kind if scaling else None, "ingest_seconds": round(ingest_seconds, 1)}
             rows.append(row)
             print(f"{context:6d} {name:26} {speed:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} vs ar  "
+                  f"(decode only {rate:6.2f} tok/s, x{row['decode_speedup_vs_ar']:.2f})  "
                   f"MAL {row['mean_acceptance_length']}  identical={row['identical_to_ar']}", flush=True)
         del document, hf_cache
     result = {"benchmark": "spec", "settings": vars(args), "rows": rows}
