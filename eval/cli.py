@@ -52,6 +52,8 @@ def _common_options(parser: argparse.ArgumentParser, suite: str, modes: tuple[st
     parser.add_argument("--rag-tokens", type=int, default=512, help="RAG context budget floor in tokens")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="retrieval chunk size in tokens")
     parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
+    parser.add_argument("--squeeze-budget", type=float, choices=[0.05, 0.1, 0.2], default=0.1,
+                        help="fraction of the document keys squeezed attention reads (calibrated thresholds)")
     parser.add_argument("--rope", choices=["auto", "none"], default="auto",
                         help="auto: YaRN-stretch the target for contexts past its window; none: cut them instead")
     parser.add_argument("--max-document-tokens", type=tokens,
@@ -124,10 +126,11 @@ def add_eval_commands(subparsers) -> None:
 
 def _run_config(args, settings):
     from eval.runner import RunConfig
+    from rapid.squeeze import SqueezeConfig
 
     return RunConfig(chunk_tokens=args.chunk_tokens, rag_tokens=args.rag_tokens, tree_budget=args.tree_budget,
                      max_document_tokens=args.max_document_tokens, prefill_chunk=settings.prefill_chunk,
-                     progress=not args.no_progress)
+                     squeeze=SqueezeConfig(budget=args.squeeze_budget), progress=not args.no_progress)
 
 
 def _quality_part(args, name: str, build: Callable) -> Callable:

@@ -76,6 +76,13 @@ SPEED_MODES = ("dense", "retrieval", "rapid", "layer-skip")
 BASELINE = "dense"  # what speedups are measured against
 
 
+def sort_modes(names) -> list[str]:
+    """Distinct mode names in the order of MODES (names not in it last, as first seen)."""
+    known = list(MODES)
+    distinct = list(dict.fromkeys(names))
+    return sorted(distinct, key=lambda m: known.index(m) if m in known else len(known))
+
+
 def resolve_modes(names: list[str] | tuple[str, ...]) -> list[Mode]:
     """The named modes plus any reference they need, references first, without duplicates."""
     unknown = [n for n in names if n not in MODES]

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from eval.modes import BASELINE  # noqa: E402
+from eval.modes import BASELINE, sort_modes  # noqa: E402
 from eval.result import Result  # noqa: E402
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def plot_heatmaps(results: Sequence[Result], out_dir: Path) -> list[Path]:
         lengths = sorted({r.length for r in mine})
         if len(depths) < 2:
             continue
-        modes = list(dict.fromkeys(r.mode for r in mine))
+        modes = sort_modes(r.mode for r in mine)
         width = 1.5 + len(modes) * (0.8 + 0.75 * len(lengths))
         figure, axes = plt.subplots(1, len(modes), figsize=(width, 1.6 + 0.45 * len(depths)), sharey=True,
                                     squeeze=False, layout="constrained")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eval.modes import BASELINE, MODES
+from eval.modes import BASELINE, MODES, sort_modes
 from eval.plots import plot_heatmaps, plot_speed
 from eval.result import Result
 
@@ -69,9 +69,8 @@ def ordered(values) -> list:
 
 
 def mode_order(results: Sequence[Result]) -> list[str]:
-    """The modes present, in eval.modes' order (unknown names last, as first seen)."""
-    known = list(MODES)
-    return sorted(ordered(r.mode for r in results), key=lambda m: known.index(m) if m in known else len(known))
+    """The modes present, in eval.modes' order."""
+    return sort_modes(r.mode for r in results)
 
 
 def rounded(values: dict, digits: int = 4) -> dict:

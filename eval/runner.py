@@ -90,17 +90,25 @@ class Runner:
         question_reserve = max(len(prompt.question_ids(e.question)) for e in examples) + QUESTION_MARGIN
         answer_reserve = max(e.max_new_tokens for e in examples)
         base = self.config.qa_config(question_reserve, answer_reserve)
+        overhead = len(prompt.head_ids) + question_reserve + answer_reserve + base.tree_budget + 1
         documents: dict[str, list[Example]] = {}
         for example in examples:
             documents.setdefault(example.document_id, []).append(example)
+        factors = {key: self._factor(group[0].context, overhead) for key, group in documents.items()}
         results: list[Result] = []
         bar = tqdm(total=len(examples) * len(self.modes), unit="answer", disable=not self.config.progress)
-        try:
-            for group in documents.values():
-                results += self._run_document(group, base, len(prompt.head_ids), bar)
+        try:  # documents needing the same RoPE stretch together, so each stretched copy loads once
+            for key in sorted(documents, key=lambda k: factors[k]):
+                results += self._run_document(documents[key], base, factors[key], overhead, bar)
         finally:
             bar.close()
         return results
+
+    def _factor(self, context: str, overhead: int) -> float:
+        tokens = token_count(self.targets.tokenizer, context)
+        if self.config.max_document_tokens is not None:
+            tokens = min(tokens, self.config.max_document_tokens)
+        return self.targets.factor_for(tokens + overhead)
 
     def _qa_for(self, factor: float, mode: Mode, base: QAConfig) -> DocumentQA:
         key = (factor, mode.name)
@@ -114,15 +122,12 @@ class Runner:
             self._qa[key] = DocumentQA(target, self.embedder, config, prefill_chunk=self.config.prefill_chunk)
         return self._qa[key]
 
-    def _run_document(self, examples: list[Example], base: QAConfig, head_tokens: int, bar) -> list[Result]:
-        tokenizer = self.targets.tokenizer
-        overhead = head_tokens + base.question_reserve + base.answer_reserve + base.tree_budget + 1
-        context = examples[0].context
-        factor = self.targets.factor_for(token_count(tokenizer, context) + overhead)
+    def _run_document(self, examples: list[Example], base: QAConfig, factor: float, overhead: int,
+                      bar) -> list[Result]:
         limit = self.targets.get(factor).max_context - overhead
         if self.config.max_document_tokens is not None:
             limit = min(limit, self.config.max_document_tokens)
-        document_text = truncate_middle(context, tokenizer, limit)
+        document_text = truncate_middle(examples[0].context, self.targets.tokenizer, limit)
         results: list[Result] = []
         for attention in dict.fromkeys(m.attention for m in self.modes):
             modes = [m for m in self.modes if m.attention == attention]

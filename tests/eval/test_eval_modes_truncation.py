@@ -3,7 +3,7 @@
 import pytest
 
 from api.qa import QAConfig
-from eval.modes import MODES, Mode, resolve_modes
+from eval.modes import MODES, Mode, resolve_modes, sort_modes
 from eval.truncation import keep_middle_out, truncate_middle
 
 
@@ -12,6 +12,10 @@ def test_resolve_modes_puts_references_first_once():
         "dense", "rapid", "squeezed", "rapid-squeezed"]
     with pytest.raises(ValueError, match="unknown modes"):
         resolve_modes(["fast"])
+
+
+def test_sort_modes_follows_the_registry():
+    assert sort_modes(["rapid", "mine", "dense", "rapid", "squeezed"]) == ["dense", "squeezed", "rapid", "mine"]
 
 
 def test_modes_map_to_qa_config_and_ask_options():
