@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RAPID := $(VENV)/bin/rapid
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench eval-small clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ lint: install
 
 bench: install
 	$(PY) -m eval.bench_decode
+
+eval-small: install
+	$(RAPID) models pull
+	$(RAPID) eval small
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -54,6 +54,7 @@ def squeezed_attention(
     tail_mask: Tensor | None,  # [N, S] bool, True = visible; None = every query sees the whole tail
     scaling: float,
     stats: SqueezeStats | None = None,
+    always_read: Tensor | None = None,  # [Hkv, C] bool: clusters every query reads (e.g. attention sinks)
 ) -> Tensor:  # [B, H, N, D], dtype of query
     """Attention of N queries over the selected document clusters and the masked tail.
 
@@ -67,6 +68,8 @@ def squeezed_attention(
     q = query[0].float().view(num_kv_heads, num_heads // num_kv_heads, num_queries, head_dim)
 
     selected = select_clusters(q, doc, rule, scaling)  # [Hkv, N, C]
+    if always_read is not None:
+        selected = selected | always_read[:, None, :]
     indices, valid = padded_ranges(doc.offsets, selected.any(dim=1))  # [Hkv, M]
     if num_queries == 1:
         doc_mask = valid[:, None, :]  # the union is the query's own selection

@@ -22,6 +22,8 @@ from kvcache.squeezed import SqueezeStats, squeezed_attention
 from kvcache.store import ClusteredCache
 from rapid.cache import KVCache
 
+SINK_TOKENS = 32  # the first tokens (template head) draw large attention from every query: always read
+
 
 @dataclass(frozen=True)
 class SqueezeConfig:
@@ -30,6 +32,7 @@ class SqueezeConfig:
     budgets: tuple[float, ...] = (0.05, 0.10, 0.20)  # calibrated and stored
     rule: Literal["threshold", "top"] = "threshold"
     calibration_window: int = 256  # the last W document positions serve as stand-in queries
+    sink_tokens: int = SINK_TOKENS  # clusters holding the first positions are always read
 
     def __post_init__(self) -> None:
         if self.rule == "threshold" and self.budget not in self.budgets:
@@ -58,15 +61,36 @@ class SqueezedDocument:
     stats: SqueezeStats = field(default_factory=SqueezeStats)
     cluster_seconds: float = 0.0
     calibrate_seconds: float = 0.0
+    sink_tokens: int = SINK_TOKENS
+
+    def __post_init__(self) -> None:
+        # per layer [Hkv, C]: the clusters holding one of the first `sink_tokens` positions
+        self.always_read = [sink_clusters(layer, self.sink_tokens) for layer in self.clustered.layers]
 
     def attend(self, layer_idx: int, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                tail_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         return squeezed_attention(query, self.clustered.layers[layer_idx], self.rules[layer_idx], tail_keys,
-                                  tail_values, tail_mask, scaling, self.stats)
+                                  tail_values, tail_mask, scaling, self.stats, self.always_read[layer_idx])
 
     def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold") -> SqueezedDocument:
         """The same clusters read under another budget (a calibrated one for "threshold")."""
-        return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens)
+        return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens,
+                                sink_tokens=self.sink_tokens)
+
+
+def sink_clusters(layer: ClusteredLayer, sink_tokens: int) -> torch.Tensor:
+    """[Hkv, C] bool: clusters that hold any of the document's first `sink_tokens` positions.
+
+    Example: permutation [[1, 3, 4, 0, 2]] with offsets [[0, 3, 3, 5]] and sink_tokens 1: position 0 is
+    stored at row 3, which is in cluster 2, so the result is [[False, False, True]].
+    """
+    rows = layer.permutation < sink_tokens  # [Hkv, T] rows holding a sink position
+    clusters = torch.searchsorted(layer.offsets[:, 1:].contiguous(), torch.arange(layer.num_tokens).expand_as(rows)
+                                  .contiguous(), right=True)  # [Hkv, T] cluster of each row
+    out = torch.zeros(layer.sizes.shape, dtype=torch.bool)
+    for head in range(out.shape[0]):
+        out[head, clusters[head][rows[head]]] = True
+    return out
 
 
 def rules_for(clustered: ClusteredCache, budget: float, rule: str) -> list[SelectionRule]:
@@ -97,7 +121,8 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
                        for i, layer in enumerate(layers))
     clustered = ClusteredCache(tuple(layers), thresholds)
     document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(token_ids),
-                                cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start)
+                                cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start,
+                                sink_tokens=config.sink_tokens)
     return document, logits
 
 

@@ -35,7 +35,8 @@ def test_all_clusters_equals_dense_logits(tiny_runner, document):
 def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
     """Invariant 1 with the same attention mode on both sides: spec decoding over a squeezed cache."""
     question = [20, 21, 22, 23]
-    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32))
+    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32,
+                                                                           sink_tokens=4))
     reference_cache = tiny_runner.new_tail_cache(squeezed, 64)
     logits = tiny_runner.prefill(reference_cache, question)
     reference = [int(logits.argmax())]
@@ -72,3 +73,14 @@ def test_dense_cache_from_clusters_equals_the_prefilled_cache(tiny_runner, docum
     for ours, theirs in zip(rebuilt.layers, prefilled.layers, strict=True):
         assert torch.equal(ours.keys[:, :, : len(document)], theirs.keys[:, :, : len(document)])
     torch.testing.assert_close(tiny_runner.decode(rebuilt, 5), tiny_runner.decode(prefilled, 5))
+
+
+def test_sink_clusters_worked_example():
+    from kvcache.clustering import layer_from_assignments
+    from rapid.squeeze import sink_clusters
+
+    keys = torch.randn(1, 5, 4)
+    layer = layer_from_assignments(keys, keys, torch.tensor([[2, 0, 2, 0, 0]]), 3)
+    assert layer.permutation.tolist() == [[1, 3, 4, 0, 2]]
+    assert sink_clusters(layer, 1).tolist() == [[False, False, True]]
+    assert sink_clusters(layer, 2).tolist() == [[True, False, True]]
