@@ -24,6 +24,7 @@ from torch import Tensor
 # 0.27 s, 2^25 0.49 s per step at T=32K, C=1638; a GPU wants large blocks.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 _GPU_BLOCK_ELEMENTS = 1 << 27
+_SIMILARITY_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -33,21 +34,24 @@ class ClusterConfig:
     fraction: clusters per document token (Squeezed Attention uses about 5%).
     min_clusters / max_clusters: bounds on the cluster count (never more than the tokens).
     iterations: at most this many Lloyd iterations (both backends stop early once no point moves).
+    settle_fraction: the torch backend also stops once fewer than this fraction of the points changed
+        cluster in an iteration (the last few iterations move a handful of boundary keys each).
     seed: seed of the initial centroids, so ingest is reproducible.
     coarse_fraction: None for one level; otherwise coarse clusters per fine cluster, e.g. 0.05,
         building a second level for hierarchical lookup.
-    backend: "sklearn", scikit-learn's Lloyd KMeans per kv head, for keys on the CPU (measured
-        fastest there, see `kmeans`); "torch", spherical Lloyd's on all heads at once on the keys'
-        device, for keys on a GPU.
+    backend: "torch", spherical Lloyd's on all heads at once on the keys' device with bf16 similarity
+        blocks (measured fastest on this CPU, see `kmeans`, and the one for a GPU); "sklearn",
+        scikit-learn's fp32 Lloyd KMeans per kv head.
     """
 
     fraction: float = 0.05
     min_clusters: int = 16
     max_clusters: int = 16384
     iterations: int = 10
+    settle_fraction: float = 0.005
     seed: int = 0
     coarse_fraction: float | None = None
-    backend: Literal["sklearn", "torch"] = "sklearn"
+    backend: Literal["sklearn", "torch"] = "torch"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -56,6 +60,8 @@ class ClusterConfig:
             raise ValueError(f"need 1 <= min_clusters <= max_clusters, got {self.min_clusters}, {self.max_clusters}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if not 0.0 <= self.settle_fraction < 1.0:
+            raise ValueError(f"settle_fraction must be in [0, 1), got {self.settle_fraction}")
         if self.coarse_fraction is not None and not 0.0 < self.coarse_fraction < 1.0:
             raise ValueError(f"coarse_fraction must be in (0, 1) or None, got {self.coarse_fraction}")
         if self.backend not in ("sklearn", "torch"):
@@ -205,24 +211,25 @@ def kmeans(points: Tensor, num_clusters: int, config: ClusterConfig) -> Tensor:
 
     Measured on this 2-core Xeon (shared with other jobs), synthetic keys Hkv=3, D=64, C=5% of T,
     10 iterations, random init, seconds (the mean cosine of a key to its cluster agrees to 0.001):
-      threads  keys                       backend  T=32K      T=64K      T=128K
-      1        gaussian (no convergence)  sklearn  7.2        18.2       68.3
-                                          torch    6.2-7.2    14.0       66.7
-      1        1024 blobs (converge ~7)   sklearn  3.3-3.6    22.6-28.5
-                                          torch    3.6-5.9    16.4-31.4
-      2        gaussian                   sklearn  4.3-4.4
-                                          torch    14.9-15.0
-    At T=32K, 1 thread, faiss.Kmeans(spherical=True) took 13-19 s and MiniBatchKMeans 11-13 s
-    (leaving 67 clusters empty).
-    One thread is a tie; with two threads torch's many small parallel matmuls stall whenever a
-    core is busy elsewhere (one assignment step: 0.27 s on 1 thread, 0.54-4.6 s on 2), while
-    scikit-learn runs one parallel region per iteration. So sklearn on the CPU, torch on a GPU.
+      threads  keys                       backend     T=32K      T=64K      T=128K
+      1        gaussian (no convergence)  sklearn     7.2        18.2       68.3
+                                          torch fp32  6.2-7.2    14.0       66.7
+      1        1024 blobs (converge ~7)   sklearn     3.3-3.6    22.6-28.5
+                                          torch fp32  3.6-5.9    16.4-31.4
+      2        gaussian                   sklearn     4.3-4.4
+                                          torch fp32  14.9-15.0
+    With bf16 similarity blocks (the torch backend now), gaussian, 1 thread, beside another busy job:
+    torch 3.0 s vs sklearn 5.3 s at 32K, torch 11.0 s at 64K and 66 s at 128K (3 iterations: 19 s; bf16 matmul
+    is ~6x cheaper than fp32; the max over each block is half of what is left, and suffers most from a
+    neighbour's memory traffic). At T=32K, 1 thread, faiss.Kmeans(spherical=True) took 13-19 s and
+    MiniBatchKMeans 11-13 s (leaving 67 clusters empty). With two threads torch's many small parallel
+    matmuls stall whenever a core is busy elsewhere, so we run one (RAPID_THREADS).
     """
     num_heads, num_points, _ = points.shape
     assert 1 <= num_clusters <= num_points, f"{num_clusters} clusters for {num_points} points"
     points = F.normalize(points.float(), dim=-1)
     if config.backend == "torch":
-        return _torch_kmeans(points, num_clusters, config.iterations, config.seed)
+        return _torch_kmeans(points, num_clusters, config.iterations, config.seed, config.settle_fraction)
     labels = []
     for head in points.cpu().numpy():
         estimator = KMeans(
@@ -234,7 +241,7 @@ def kmeans(points: Tensor, num_clusters: int, config: ClusterConfig) -> Tensor:
     return torch.from_numpy(np.stack(labels).astype(np.int64)).to(points.device)
 
 
-def _torch_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: int) -> Tensor:
+def _torch_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: int, settle_fraction: float) -> Tensor:
     """Spherical Lloyd's on all heads at once: unit points [Hkv, T, D] -> [Hkv, T] int64.
 
     Assignment by highest cosine, centroids are normalised means; a cluster that runs empty is
@@ -255,19 +262,25 @@ def _torch_kmeans(points: Tensor, num_clusters: int, iterations: int, seed: int)
                 sums[head, empty] = points[head, worst]
         previous = assignments
         assignments, similarity = _assign(points, F.normalize(sums, dim=-1))
-        if torch.equal(assignments, previous):
+        if int((assignments != previous).sum()) <= settle_fraction * assignments.numel():
             break
     return assignments
 
 
 def _assign(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centroid by cosine, in blocks of tokens. -> assignments [Hkv, T], similarity [Hkv, T]."""
+    """Nearest centroid by cosine, in blocks of tokens. -> assignments [Hkv, T], similarity [Hkv, T].
+
+    points [Hkv, T, D] and centroids [Hkv, C, D] unit vectors; the similarity blocks are bf16 (AMX on
+    this CPU, tensor cores on a GPU): a bf16 cosine is off by ~1e-3, which only moves points that lie
+    on a boundary between two nearly equal centroids.
+    """
     num_heads, num_points, _ = points.shape
     block = _CPU_BLOCK_ELEMENTS if points.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
-    chunk = max(32, block // (num_heads * centroids.shape[1]))
-    best = torch.empty(num_heads, num_points, device=points.device)
+    chunk = max(64, block // (num_heads * centroids.shape[1]) // 64 * 64)  # whole AMX tiles
+    best = torch.empty(num_heads, num_points, dtype=_SIMILARITY_DTYPE, device=points.device)
     assignments = torch.empty(num_heads, num_points, dtype=torch.int64, device=points.device)
-    centroids_t = centroids.transpose(1, 2)
+    points = points.to(_SIMILARITY_DTYPE)
+    centroids_t = centroids.to(_SIMILARITY_DTYPE).transpose(1, 2).contiguous()  # [Hkv, D, C]
     for start in range(0, num_points, chunk):
         block = torch.bmm(points[:, start : start + chunk], centroids_t)  # [Hkv, chunk, C]
         torch.max(block, dim=-1, out=(best[:, start : start + chunk], assignments[:, start : start + chunk]))

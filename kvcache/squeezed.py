@@ -1,9 +1,10 @@
 """Squeezed attention: exact attention over the selected document clusters plus the dense tail.
 
 One function serves decode (N=1) and tree verification (N>1). The document part reads only the
-keys of the clusters the queries selected (gathered contiguous slices of the cluster-ordered cache);
-the tail (question, generated tokens, tree nodes) is attended densely under its mask; the two
-parts are merged with their log-sum-exp. Everything accumulates in fp32.
+keys of the clusters the queries selected (contiguous slices of the cluster-ordered cache), copied
+into one buffer followed by the tail (question, generated tokens, tree nodes); one SDPA call attends
+over it under one mask (each query's own clusters, the tail's tree mask), accumulating in fp32 inside
+the kernel. Scoring the centroids is fp32.
 
 Shapes: B batch (1), H query heads, Hkv kv heads, G = H / Hkv, N queries, T document tokens,
 S tail tokens, M gathered document keys per kv head, C clusters, D head dim.
@@ -15,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kvcache.clustering import ClusteredLayer
@@ -65,35 +67,71 @@ def squeezed_attention(
     assert batch == 1, f"squeezed attention serves one document at a time, got batch {batch}"
     num_kv_heads = doc.keys.shape[0]
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads for {num_kv_heads} kv heads"
-    q = query[0].float().view(num_kv_heads, num_heads // num_kv_heads, num_queries, head_dim)
+    group = num_heads // num_kv_heads
+    q = query[0].float().view(num_kv_heads, group, num_queries, head_dim)
 
     selected = select_clusters(q, doc, rule, scaling)  # [Hkv, N, C]
     if always_read is not None:
         selected = selected | always_read[:, None, :]
     indices, valid = padded_ranges(doc.offsets, selected.any(dim=1))  # [Hkv, M]
-    if num_queries == 1:
-        doc_mask = valid[:, None, :]  # the union is the query's own selection
-    else:
+    keys, values = _gather_with_tail(doc, indices, tail_keys[0], tail_values[0])  # [Hkv, M+S, D]
+
+    mask = None  # [1, H, N, M+S] bool, None when every query sees every gathered key
+    if num_queries > 1:
         cluster = torch.searchsorted(doc.offsets[:, 1:].contiguous(), indices, right=True)  # [Hkv, M]
         doc_mask = selected.gather(2, cluster[:, None, :].expand(-1, num_queries, -1)) & valid[:, None, :]
-    # One index_select over the flattened heads: 1.6-2x faster here than gather or advanced indexing.
-    rows = (indices + torch.arange(num_kv_heads, device=indices.device)[:, None] * doc.num_tokens).flatten()
-    doc_keys = doc.keys.view(-1, head_dim).index_select(0, rows).view(num_kv_heads, -1, head_dim).float()
-    doc_values = doc.values.view(-1, head_dim).index_select(0, rows).view(num_kv_heads, -1, head_dim).float()
-    doc_out, doc_lse = _attend(q, doc_keys, doc_values, doc_mask, scaling)
-    tail_mask = None if tail_mask is None else tail_mask[None].expand(num_kv_heads, -1, -1)
-    tail_out, tail_lse = _attend(q, tail_keys[0].float(), tail_values[0].float(), tail_mask, scaling)
-
-    lse = torch.logaddexp(doc_lse, tail_lse)
-    lse = lse.masked_fill(lse == -math.inf, 0.0)  # a query that sees nothing gets zeros, not NaN
-    out = torch.exp(doc_lse - lse)[..., None] * doc_out + torch.exp(tail_lse - lse)[..., None] * tail_out
+    else:
+        doc_mask = valid[:, None, :]  # the union is the query's own selection
+    if num_queries > 1 or tail_mask is not None or not bool(valid.all()):
+        num_tail = tail_keys.shape[2]
+        tail_part = (
+            doc_mask.new_ones(num_kv_heads, num_queries, num_tail)
+            if tail_mask is None
+            else tail_mask[None].expand(num_kv_heads, -1, -1)
+        )
+        mask = torch.cat([doc_mask, tail_part], dim=2).repeat_interleave(group, dim=0)[None]
+    out = F.scaled_dot_product_attention(
+        query.to(keys.dtype), keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
+    ).to(query.dtype)
+    if mask is not None and keys.shape[1]:
+        seen = mask.any(dim=-1, keepdim=True)  # a query that sees nothing gets zeros, not NaN
+        out = out if bool(seen.all()) else out.masked_fill(~seen, 0.0)
+    elif not keys.shape[1]:
+        out = torch.zeros_like(query)
 
     if stats is not None:
         stats.doc_keys += num_kv_heads * doc.num_tokens
         stats.queries += num_queries
         stats.keys_read += int(valid.sum())
         stats.keys_selected += int((selected * doc.sizes[:, None, :]).sum())
-    return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
+    return out
+
+
+def _gather_with_tail(
+    doc: ClusteredLayer, indices: Tensor, tail_keys: Tensor, tail_values: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per kv head, the document rows `indices` [Hkv, M] followed by the tail [Hkv, S, D] -> [Hkv, M+S, D] each.
+
+    Rows are copied straight into one buffer (no concatenation pass), viewed as int64 words where the
+    row size allows: that copy runs about 1.7x faster than one of bf16 elements here.
+    """
+    num_kv_heads, num_rows = indices.shape
+    out = []
+    for stored, tail in ((doc.keys, tail_keys), (doc.values, tail_values)):
+        buffer = stored.new_empty(num_kv_heads, num_rows + tail.shape[1], stored.shape[2])
+        source, target = _as_words(stored), _as_words(buffer)
+        for head in range(num_kv_heads):
+            torch.index_select(source[head], 0, indices[head], out=target[head, :num_rows])
+        buffer[:, num_rows:] = tail
+        out.append(buffer)
+    return out[0], out[1]
+
+
+def _as_words(rows: Tensor) -> Tensor:
+    """A contiguous [..., D] tensor viewed as int64 words per row when D * itemsize divides by 8."""
+    if rows.is_contiguous() and rows.shape[-1] * rows.element_size() % 8 == 0:
+        return rows.view(torch.int64)
+    return rows
 
 
 def dense_attention(
@@ -122,25 +160,3 @@ def dense_attention(
         logits = logits.masked_fill(~torch.cat([doc_visible, tail_mask], dim=1), -math.inf)
     probs = torch.softmax(logits, dim=-1).view(num_kv_heads, -1, keys.shape[1])
     return (probs @ values).reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
-
-
-def _attend(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention that also returns its log-sum-exp.
-
-    query [Hkv, G, N, D], keys/values [Hkv, M, D] fp32, mask [Hkv, N, M] bool or None
-    -> out [Hkv, G, N, D], lse [Hkv, G, N]. A row with no visible key gives out 0 and lse -inf.
-    """
-    num_kv_heads, group, num_queries, head_dim = query.shape
-    if keys.shape[1] == 0:
-        return torch.zeros_like(query), query.new_full((num_kv_heads, group, num_queries), -math.inf)
-    logits = torch.bmm(query.reshape(num_kv_heads, group * num_queries, head_dim), keys.transpose(1, 2))
-    logits = logits.mul_(scaling).view(num_kv_heads, group, num_queries, keys.shape[1])
-    if mask is not None:
-        logits.masked_fill_(~mask[:, None], -math.inf)
-    peak = logits.amax(dim=-1, keepdim=True)  # [Hkv, G, N, 1]
-    peak = peak.masked_fill_(peak == -math.inf, 0.0)  # a fully masked row: exp(-inf) = 0 below
-    probs = logits.sub_(peak).exp_()  # in place: one pass, every value <= 1
-    total = probs.sum(dim=-1)  # [Hkv, G, N], 0 only where nothing is visible
-    out = torch.bmm(probs.view(num_kv_heads, group * num_queries, -1), values)
-    out = out.view(num_kv_heads, group, num_queries, head_dim) / total.masked_fill(total == 0, 1.0)[..., None]
-    return out, peak.squeeze(-1) + torch.log(total)

@@ -85,12 +85,16 @@ def test_kmeans_never_mixes_planted_directions_and_is_seeded(backend):
     assert (assignments == kmeans(scaled, 32, config)).float().mean() > 0.99
 
 
-def test_torch_kmeans_reseeds_empty_clusters():
-    # 40 points in 4 tight groups, 40 clusters: Lloyd's alone would empty most clusters.
-    keys, _, _ = planted_keys(40, num_directions=4, seed=4, noise=0.01)
-    assignments = kmeans(keys, 40, ClusterConfig(iterations=50, backend="torch"))
+@pytest.mark.parametrize("seed", range(3))
+def test_torch_kmeans_reseeds_empty_clusters(seed):
+    # 10 distinct directions, the first repeated 30 more times: random initial centroids land on copies
+    # of it, tie, and all but one run empty; re-seeding gives every direction its own cluster.
+    generator = torch.Generator().manual_seed(4)
+    distinct = torch.nn.functional.normalize(torch.randn(NUM_KV_HEADS, 10, HEAD_DIM, generator=generator), dim=-1)
+    keys = torch.cat([distinct, distinct[:, :1].expand(-1, 30, -1)], dim=1)
+    assignments = kmeans(keys, 10, ClusterConfig(iterations=50, backend="torch", seed=seed))
     for head in range(NUM_KV_HEADS):
-        assert len(torch.unique(assignments[head])) == 40
+        assert len(torch.unique(assignments[head])) == 10
 
 
 def test_coarse_level_partitions_the_fine_clusters():
