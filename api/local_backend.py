@@ -535,7 +535,9 @@ class LocalBackend:
             return
         tail = config.capacity(len(request.query_ids))
         if self.config.document_cache.attention == "squeezed":
-            document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len)
+            squeeze = self.config.document_cache.squeeze
+            document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len, sink_tokens=squeeze.sink_tokens,
+                                        dense_layers=squeeze.dense_layers)
             yield self.runner.new_tail_cache(document, tail), request.query_ids
             return
         if not kv.lock.acquire(blocking=False):

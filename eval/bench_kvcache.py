@@ -7,11 +7,13 @@ keys (timed against the prefill), then in one process:
     steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement and max
     logit difference per step;
   - needle-in-a-haystack accuracy, dense vs squeezed, for models with real weights.
-The `long-bench` preset has the default model's layer shapes (4 layers, random weights) so 64K-128K fit
-on this CPU; its quality numbers are meaningless and are not reported. Last line: one JSON object.
+A model written `default/4` is the default model cut to its first 4 layers (real weights, its final norm
+and head, YaRN past 8K): the shapes of the `long-bench` preset, so 64K-128K fit on this CPU, but with a
+trained model's attention patterns, so agreement and logit differences mean something (its answers do
+not: no needle run). The `long-bench` preset (random weights) is accepted too. Last line: one JSON object.
 
-    python -m eval.bench_kvcache                                  # default 16K 32K, long-bench 32K 64K 128K
-    python -m eval.bench_kvcache --plan long-bench:32768 --steps 32
+    python -m eval.bench_kvcache                                  # default 16K 32K, default/4 32K 64K 128K
+    python -m eval.bench_kvcache --plan default/4:32768 --steps 32
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 
 from eval.bench_decode import native_context, yarn_for
 from kvcache.squeezed import SqueezeStats, squeezed_attention
+from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
-from rapid.squeeze import SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
+from rapid.squeeze import DENSE_LAYERS, SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
 from retrieval.texts import insert_needle, shakespeare_text
 
 NEEDLE = "The secret passphrase for the vault is {value}."
@@ -89,12 +92,15 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
 
 @torch.inference_mode()
 def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
-                    new_tokens: int = 16) -> dict:
-    """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears."""
+                    dense_layers: list[int], new_tokens: int = 16) -> dict[str, float]:
+    """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears.
+
+    -> {"dense": accuracy, "squeezed_d<L>": accuracy with the first L layers dense, ...}.
+    """
     from api.qa import ChatPrompt
 
     prompt = ChatPrompt(lm.tokenizer)
-    hits = {"dense": 0, "squeezed": 0}
+    hits = {"dense": 0} | {f"squeezed_d{d}": 0 for d in dense_layers}
     for k, depth in enumerate(depths):
         value = f"{'amber-falcon-river-stone'.split('-')[k % 4]}-{4127 + 31 * k}"
         haystack = insert_needle(text_of(lm.tokenizer, num_tokens), NEEDLE.format(value=value), depth)
@@ -102,23 +108,33 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
         question = prompt.question_ids(NEEDLE_QUESTION)
         document, _ = squeeze_document(runner, prefix, config)
         for mode in hits:
-            cache = (dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1) if mode == "dense"
-                     else runner.new_tail_cache(document, len(question) + new_tokens + 1))
+            if mode == "dense":
+                cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
+            else:
+                view = with_dense_layers(document, int(mode.removeprefix("squeezed_d")))
+                cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
             for _ in range(new_tokens - 1):
                 out.append(int(runner.decode(cache, out[-1]).argmax()))
             hits[mode] += int(value in lm.tokenizer.decode(out, skip_special_tokens=True))
-    return {f"needle_{mode}": hits[mode] / len(depths) for mode in hits}
+    return {mode: hits[mode] / len(depths) for mode in hits}
+
+
+def with_dense_layers(document: SqueezedDocument, dense_layers: int) -> SqueezedDocument:
+    return SqueezedDocument(document.clustered, document.rules, document.num_tokens,
+                            sink_tokens=document.sink_tokens, dense_layers=dense_layers)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", nargs="+", default=["default:16384", "default:32768", "long-bench:32768",
-                                                      "long-bench:65536", "long-bench:131072"],
-                        help="MODEL:CONTEXT pairs")
+    parser.add_argument("--plan", nargs="+", default=["default:16384", "default:32768", "default/4:32768",
+                                                      "default/4:65536", "default/4:131072"],
+                        help="MODEL:CONTEXT pairs; MODEL/L keeps the model's first L layers")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--budget", type=float, default=0.10)
+    parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
+                        help="one row per value: the first L layers read every document key")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
@@ -130,27 +146,35 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for item in args.plan:
         model, context = item.split(":")[0], int(item.split(":")[1])
-        scaling = yarn_for(native_context(model), context + args.steps + 64) if model != "long-bench" else None
-        lm = load_model(ModelSpec(model, device="cpu", dtype=args.dtype, rope_scaling=scaling))
-        runner = ModelRunner(lm.model, prefill_chunk=args.prefill_chunk)
+        source, _, layers = model.partition("/")
+        scaling = yarn_for(native_context(source), context + args.steps + 64) if source != "long-bench" else None
+        lm = load_model(ModelSpec(source, device="cpu", dtype=args.dtype, rope_scaling=scaling))
+        target = layer_skip_view(lm.model, int(layers)) if layers else lm.model
+        runner = ModelRunner(target, prefill_chunk=args.prefill_chunk)
         ids = lm.tokenizer(text_of(lm.tokenizer, context), add_special_tokens=False).input_ids[:context]
         start = time.perf_counter()
         document, logits = squeeze_document(runner, ids, config, show_progress=True)
         total = time.perf_counter() - start
         prefill = total - document.cluster_seconds - document.calibrate_seconds
-        recorder_query = torch.randn(1, lm.config.num_attention_heads, 1, lm.config.head_dim, dtype=lm.model.dtype)
-        row = {"model": model, "context": len(ids), "rope_scaling": scaling.kind if scaling else None,
+        recorder_query = torch.randn(1, lm.config.num_attention_heads, 1, lm.config.head_dim, dtype=target.dtype)
+        rope = f"{scaling.kind} x{scaling.factor:g}" if scaling else None
+        common = {"model": model, "context": len(ids), "rope_scaling": rope,
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
                "clusters_per_layer": document.clustered.layers[0].num_clusters}
         with torch.inference_mode():
-            row |= {f"attention_{k}": v for k, v in attention_latency(
-                document, lm.config.num_hidden_layers // 2, recorder_query, repeats=20).items()}
-        row |= decode_comparison(runner, document, logits, args.steps)
-        if model != "long-bench" and args.needle_depths:
-            row |= needle_accuracy(lm, runner, context, args.needle_depths, config)
-        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-        print(json.dumps(rows[-1]), flush=True)
+            common |= {f"attention_{k}": v for k, v in attention_latency(
+                document, target.config.num_hidden_layers // 2, recorder_query, repeats=20).items()}
+        needles = {}
+        if source != "long-bench" and not layers and args.needle_depths:
+            needles = needle_accuracy(lm, runner, context, args.needle_depths, config, args.dense_layers)
+        for dense_layers in args.dense_layers:
+            row = common | {"dense_layers": dense_layers}
+            row |= decode_comparison(runner, with_dense_layers(document, dense_layers), logits, args.steps)
+            if needles:
+                row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[f"squeezed_d{dense_layers}"]}
+            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print(json.dumps(rows[-1]), flush=True)
         del document
     result = {"benchmark": "kvcache", "settings": vars(args), "rows": rows}
     print(json.dumps(result))

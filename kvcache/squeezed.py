@@ -160,3 +160,70 @@ def dense_attention(
         logits = logits.masked_fill(~torch.cat([doc_visible, tail_mask], dim=1), -math.inf)
     probs = torch.softmax(logits, dim=-1).view(num_kv_heads, -1, keys.shape[1])
     return (probs @ values).reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
+
+
+def full_document_attention(
+    query: Tensor,  # [B, H, N, D]
+    doc: ClusteredLayer,
+    tail_keys: Tensor,  # [B, Hkv, S, D]
+    tail_values: Tensor,  # [B, Hkv, S, D]
+    tail_mask: Tensor | None,  # [N, S] bool or None
+    scaling: float,
+    stats: SqueezeStats | None = None,
+) -> Tensor:  # [B, H, N, D], dtype of query
+    """Every document key plus the masked tail, for the layers that attend too broadly to squeeze.
+
+    The stored cluster-ordered keys are read in place (attention ignores key order): the document part
+    and the tail part each return their log-sum-exp and are merged with it, so nothing is copied. GQA:
+    the G query heads of a kv head are folded into its query rows.
+    """
+    batch, num_heads, num_queries, head_dim = query.shape
+    assert batch == 1, f"squeezed attention serves one document at a time, got batch {batch}"
+    num_kv_heads = doc.keys.shape[0]
+    group = num_heads // num_kv_heads
+    folded = query.to(doc.keys.dtype).reshape(1, num_kv_heads, group * num_queries, head_dim)
+    doc_out, doc_lse = _attention_with_lse(folded, doc.keys[None], doc.values[None], None, scaling)
+    mask = None if tail_mask is None else tail_mask.repeat(group, 1)[None, None]  # [1, 1, G*N, S]
+    tail_out, tail_lse = _attention_with_lse(
+        folded, tail_keys.to(folded.dtype), tail_values.to(folded.dtype), mask, scaling
+    )
+    lse = torch.logaddexp(doc_lse, tail_lse)
+    lse = lse.masked_fill(lse == -math.inf, 0.0)  # a query that sees nothing gets zeros, not NaN
+    out = (
+        torch.exp(doc_lse - lse)[..., None] * doc_out.float() + torch.exp(tail_lse - lse)[..., None] * tail_out.float()
+    )
+    if stats is not None:
+        stats.doc_keys += num_kv_heads * doc.num_tokens
+        stats.queries += num_queries
+        stats.keys_read += num_kv_heads * doc.num_tokens
+        stats.keys_selected += num_kv_heads * doc.num_tokens * num_queries
+    return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
+
+
+def _attention_with_lse(
+    query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """query [1, Hkv, R, D], keys / values [1, Hkv, L, D], mask [1, 1|Hkv, R, L] bool or None
+    -> out [1, Hkv, R, D], lse [1, Hkv, R] fp32; a row that sees nothing gets out 0 and lse -inf.
+
+    On the CPU, torch's flash kernel (the one SDPA calls) returns the log-sum-exp it computes anyway;
+    elsewhere an fp32 softmax does.
+    """
+    if keys.shape[2] == 0:
+        return torch.zeros_like(query), query.new_full(query.shape[:3], -math.inf, dtype=torch.float32)
+    if query.device.type == "cpu":
+        additive = None if mask is None else torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, -math.inf)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, False, attn_mask=additive, scale=scaling
+        )
+    else:
+        logits = (query.float() @ keys.float().transpose(-1, -2)) * scaling
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -math.inf)
+        lse = torch.logsumexp(logits, dim=-1)
+        out = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None]) @ values.float()
+    if mask is not None:
+        seen = mask.any(dim=-1).expand_as(lse)
+        lse = lse.masked_fill(~seen, -math.inf)
+        out = out.masked_fill(~seen[..., None], 0.0)
+    return out, lse

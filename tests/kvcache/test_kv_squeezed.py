@@ -6,7 +6,7 @@ from kv_synthetic import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALING, ancestor_ma
 
 from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments
 from kvcache.selection import ThresholdRule, TopBudgetRule
-from kvcache.squeezed import SqueezeStats, dense_attention, squeezed_attention
+from kvcache.squeezed import SqueezeStats, dense_attention, full_document_attention, squeezed_attention
 
 NUM_DOC, NUM_PREFIX = 2000, 6
 EVERY_CLUSTER = (
@@ -213,3 +213,28 @@ def test_batch_must_be_one(document):
             None,
             SCALING,
         )
+
+
+@pytest.mark.parametrize("num_queries", [1, 16])
+def test_full_document_attention_equals_dense(document, num_queries):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX + num_queries, seed=30)
+    tail_mask = None if num_queries == 1 else random_tree_mask(num_queries, NUM_PREFIX, seed=31)
+    query = queries(num_queries, seed=32)
+    stats = SqueezeStats()
+    out = full_document_attention(query, layer, tail_keys, tail_values, tail_mask, SCALING, stats)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, tail_mask, SCALING)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert stats.read_fraction == 1.0 and stats.selected_fraction == 1.0
+
+
+def test_full_document_attention_in_bf16_and_with_a_hidden_tail(document):
+    keys, values, _, _ = document
+    layer = cluster_layer(keys.bfloat16(), values.bfloat16(), ClusterConfig())
+    tail_keys, tail_values = tail(4, seed=33)
+    query = queries(2, seed=34).bfloat16()
+    hidden = torch.zeros(2, 4, dtype=torch.bool)  # the tail is invisible: the document alone decides
+    args = (tail_keys.bfloat16(), tail_values.bfloat16(), hidden, SCALING)
+    out = full_document_attention(query, layer, *args)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, dense_attention(query, layer.keys, layer.values, *args), atol=1e-3, rtol=2e-2)

@@ -35,8 +35,8 @@ def test_all_clusters_equals_dense_logits(tiny_runner, document):
 def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
     """Invariant 1 with the same attention mode on both sides: spec decoding over a squeezed cache."""
     question = [20, 21, 22, 23]
-    squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32,
-                                                                           sink_tokens=4))
+    config = SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32, sink_tokens=4, dense_layers=0)
+    squeezed, _ = squeeze_document(tiny_runner, document, config)
     reference_cache = tiny_runner.new_tail_cache(squeezed, 64)
     logits = tiny_runner.prefill(reference_cache, question)
     reference = [int(logits.argmax())]
@@ -48,6 +48,23 @@ def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
     out = [t for chunk in engine.generate(tail, question, [RetrievalDrafter(datastore, question)]) for t in chunk]
     assert out == reference
     assert squeezed.stats.read_fraction < 0.6
+
+
+def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, document):
+    """Every layer dense: any budget gives dense attention; one dense layer of three reads >1/3 of the keys."""
+    question = [40, 41, 42]
+    dense = tiny_runner.new_cache(400)
+    tiny_runner.prefill(dense, document)
+    expected = tiny_runner.prefill(dense, question)
+    config = SqueezeConfig(CLUSTERS, budget=0.05, calibration_window=32, dense_layers=3)
+    squeezed, _ = squeeze_document(tiny_runner, document, config)
+    torch.testing.assert_close(tiny_runner.prefill(tiny_runner.new_tail_cache(squeezed, 64), question), expected,
+                               atol=1e-4, rtol=1e-4)
+    assert squeezed.stats.read_fraction == pytest.approx(1.0)
+    one = squeezed.with_budget(0.05)
+    one.dense_layers = 1
+    tiny_runner.prefill(tiny_runner.new_tail_cache(one, 64), question)
+    assert 1 / 3 < one.stats.read_fraction < 1.0
 
 
 def test_budget_one_greedy_equals_dense_greedy(tiny_runner, document):
