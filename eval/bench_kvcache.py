@@ -31,7 +31,7 @@ from kvcache.squeezed import SqueezeStats, squeezed_attention
 from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
-from rapid.squeeze import DENSE_LAYERS, SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
+from rapid.squeeze import DENSE_LAYERS, QueryRecorder, SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
 from retrieval.texts import insert_needle, shakespeare_text
 
 NEEDLE = "The secret passphrase for the vault is {value}."
@@ -54,7 +54,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.Tensor, repeats: int) -> dict:
-    """One layer, one decode query [1, H, 1, D]: dense SDPA vs squeezed attention (empty tail)."""
+    """One layer, one real decode query [1, H, 1, D]: dense SDPA vs squeezed attention (sinks read, empty tail)."""
     layer = document.clustered.layers[layer_idx]
     keys, values = layer.keys[None], layer.values[None]  # [1, Hkv, T, D] (order does not matter)
     empty = keys[:, :, :0]
@@ -62,7 +62,7 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
     dense = median_time(lambda: F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True),
                         repeats)
     squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
-                                                      scaling), repeats)
+                                                      scaling, always_read=document.always_read[layer_idx]), repeats)
     return {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed}
 
 
@@ -156,15 +156,19 @@ def main(argv: list[str] | None = None) -> dict:
         document, logits = squeeze_document(runner, ids, config, show_progress=True)
         total = time.perf_counter() - start
         prefill = total - document.cluster_seconds - document.calibrate_seconds
-        recorder_query = torch.randn(1, lm.config.num_attention_heads, 1, lm.config.head_dim, dtype=target.dtype)
+        recorder = QueryRecorder()  # the first answer token's queries stand for a decode step's
+        with torch.inference_mode():
+            runner.prefill(runner.new_tail_cache(document, 2), [int(logits.argmax())], record_queries=recorder)
+        middle = target.config.num_hidden_layers // 2
+        decode_query = recorder.queries[middle][None].to(target.dtype)  # [1, H, 1, D]
         rope = f"{scaling.kind} x{scaling.factor:g}" if scaling else None
         common = {"model": model, "context": len(ids), "rope_scaling": rope,
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
                "clusters_per_layer": document.clustered.layers[0].num_clusters}
         with torch.inference_mode():
-            common |= {f"attention_{k}": v for k, v in attention_latency(
-                document, target.config.num_hidden_layers // 2, recorder_query, repeats=20).items()}
+            common |= {f"attention_{k}": v for k, v in attention_latency(document, middle, decode_query,
+                                                                          repeats=20).items()}
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, args.dense_layers)

@@ -17,6 +17,7 @@ checked token for token against `ar`. Last line: one JSON object.
 
     python -m eval.bench_spec                               # 4K 8K 16K
     python -m eval.bench_spec --contexts 4096 --questions 1 --new-tokens 32
+    python -m eval.bench_spec --contexts 32768 --methods spec-retrieval hf-lookup
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layer-skip-layers", type=int, default=8)
     parser.add_argument("--title", default="Hamlet")
     parser.add_argument("--skip-hf", action="store_true", help="only our methods")
+    parser.add_argument("--methods", nargs="+", choices=[*OUR_METHODS, *HF_METHODS],
+                        help="run only these besides ar (default: all)")
     args = parser.parse_args(argv)
+    wanted = set(args.methods or [*OUR_METHODS, *HF_METHODS]) - (set(HF_METHODS) if args.skip_hf else set())
+    hf_methods = [name for name in HF_METHODS if name in wanted]
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
     embedder = Embedder()
@@ -116,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         document = ar_qa.ingest(document_text(lm.tokenizer, context, args.title))
         ingest_seconds = time.perf_counter() - start
-        qas = {name: DocumentQA(lm, embedder, QAConfig(**base, **kw)) for name, kw in OUR_METHODS.items()}
+        qas = {name: DocumentQA(lm, embedder, QAConfig(**base, **kw)) for name, kw in OUR_METHODS.items()
+               if name in wanted}
         stop = list(ar_qa.stop_ids)
         lm.model.config._attn_implementation = "sdpa"
-        hf_cache = None if args.skip_hf else hf_prefill(lm.model, ar_qa.prompt.head_ids + document.token_ids.tolist(),
+        hf_cache = None if not hf_methods else hf_prefill(lm.model, ar_qa.prompt.head_ids + document.token_ids.tolist(),
                                                         1024)
         lm.model.config._attn_implementation = "rapid"
         times: dict[str, list[float]] = {}
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
             if hf_cache is not None:
                 lm.model.config._attn_implementation = "sdpa"
                 full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
-                for name in HF_METHODS:
+                for name in hf_methods:
                     out, seconds, rate = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
                                                    args.layer_skip_layers)
                     results[name] = (out, seconds, float("nan"), rate)

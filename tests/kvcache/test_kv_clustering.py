@@ -2,7 +2,14 @@ import pytest
 import torch
 from kv_synthetic import HEAD_DIM, NUM_KV_HEADS, planted_keys
 
-from kvcache.clustering import ClusterConfig, cluster_layer, kmeans, layer_from_assignments, ranges_to_indices
+from kvcache.clustering import (
+    ClusterConfig,
+    cluster_layer,
+    cluster_shares,
+    kmeans,
+    layer_from_assignments,
+    ranges_to_indices,
+)
 
 
 def test_config_validates_and_bounds_cluster_count():
@@ -70,9 +77,13 @@ def test_cluster_layer_keeps_the_cache_dtype():
     assert torch.equal(layer.original_order()[0], keys.bfloat16())
 
 
-@pytest.mark.parametrize("backend", ["sklearn", "torch"])
-def test_kmeans_never_mixes_planted_directions_and_is_seeded(backend):
-    config = ClusterConfig(iterations=10, seed=0, backend=backend)
+@pytest.mark.parametrize(
+    "backend, two_level_from",
+    [("sklearn", None), ("torch", None), ("torch", 16)],
+    ids=["sklearn", "torch", "torch-two-level"],
+)
+def test_kmeans_never_mixes_planted_directions_and_is_seeded(backend, two_level_from):
+    config = ClusterConfig(iterations=10, seed=0, backend=backend, two_level_from=two_level_from)
     # Over-clustered like a KV cache (C = 4x the true groups): no cluster mixes two directions.
     keys, _, labels = planted_keys(2000, num_directions=8, seed=2, noise=0.05)
     assignments = kmeans(keys, 32, config)
@@ -83,6 +94,27 @@ def test_kmeans_never_mixes_planted_directions_and_is_seeded(backend):
     # Norm does not matter (up to rounding of the normalisation): clustering is on directions.
     scaled = keys * (0.1 + 5 * torch.rand(NUM_KV_HEADS, 2000, 1))
     assert (assignments == kmeans(scaled, 32, config)).float().mean() > 0.99
+
+
+def test_cluster_shares_docstring_example_and_bounds():
+    assert cluster_shares(torch.tensor([6, 3, 0, 1]), 5).tolist() == [3, 1, 0, 1]
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(100):
+        counts = torch.randint(0, 40, (12,), generator=generator)
+        counts[0] += 1
+        nonempty = int((counts > 0).sum())
+        total = int(torch.randint(nonempty, int(counts.sum()) + 1, (), generator=generator))
+        shares = cluster_shares(counts, total)
+        assert int(shares.sum()) == total and bool((shares <= counts).all())
+        assert bool(((shares >= 1) == (counts > 0)).all())
+
+
+def test_two_level_kmeans_uses_every_cluster_id_once_per_group():
+    keys, _, _ = planted_keys(3000, num_directions=30, seed=6, noise=0.1)
+    assignments = kmeans(keys, 100, ClusterConfig(two_level_from=16))
+    assert assignments.min() >= 0 and assignments.max() < 100
+    for head in range(NUM_KV_HEADS):
+        assert len(torch.unique(assignments[head])) > 90  # a few may run empty, like flat k-means
 
 
 @pytest.mark.parametrize("seed", range(3))
