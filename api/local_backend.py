@@ -66,7 +66,7 @@ from api.settings import Settings
 from api.stops import StopMatcher
 from api.storage import TEXT_FILE, publish_dir
 from kvcache.selection import SelectionRule
-from kvcache.store import CacheError, CacheKey, ClusteredCache, load_cache, save_cache
+from kvcache.store import CacheError, CacheKey, ClusteredCache, PrefillCheckpoints, load_cache, save_cache
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
 from rapid.drafters.model import DraftConfig, layer_skip_view
@@ -120,6 +120,7 @@ class DocumentCacheConfig:
     room: int = 512  # window tokens a cached prefix must leave for the question and answer
     attention: Literal["dense", "squeezed"] = "dense"
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)  # clustering, calibration, budget, rule
+    checkpoint_every: int = 8192  # prefill tokens between two saved slices an interrupted ingest resumes from
 
 
 @dataclass(frozen=True)
@@ -359,13 +360,18 @@ class LocalBackend:
             progress("prefill", start_at + (end_at - start_at) * done / total)
             check()  # raises IngestCancelled between two prefill chunks
 
+        # Prefill slices survive a crash or restart (outside the `.partial` folder `_part` starts afresh).
+        checkpoints = PrefillCheckpoints(doc_dir / "prefill.partial", key)
+
         def build(folder: Path) -> ClusteredCache:
             progress("prefill", start_at)
             start = time.perf_counter()
             squeezed, _ = squeeze_document(self.runner, prefix_ids, self.config.document_cache.squeeze,
-                                           on_chunk=on_chunk)
+                                           on_chunk=on_chunk, checkpoints=checkpoints,
+                                           checkpoint_every=self.config.document_cache.checkpoint_every)
             clustering = squeezed.cluster_seconds + squeezed.calibrate_seconds
             timings["prefill"] = time.perf_counter() - start - clustering
+            timings["resumed"] = squeezed.resumed_tokens
             progress("kv_clustering", end_at)
             start = time.perf_counter()
             save_cache(folder / KV_FILE, squeezed.clustered, key)
@@ -373,9 +379,12 @@ class LocalBackend:
             return squeezed.clustered
 
         _, step = self._part(doc_dir, "kvcache", lambda d: load_cache(d / KV_FILE, key), build)
+        checkpoints.clear()
         if step.status == "reused":
             return (IngestStep("target_prefill", "reused"), IngestStep("kv_clustering", "reused", step.seconds))
-        return (IngestStep("target_prefill", "done", timings["prefill"]),
+        resumed = timings["resumed"]
+        detail = f"resumed at token {resumed} of {len(prefix_ids)} from saved prefill slices" if resumed else ""
+        return (IngestStep("target_prefill", "done", timings["prefill"], detail),
                 IngestStep("kv_clustering", "done", timings["clustering"]))
 
     def _load_kv(self, doc_dir: Path, token_ids: np.ndarray) -> DocumentKV | None:

@@ -100,17 +100,7 @@ def save_cache(path: str | os.PathLike, cache: ClusteredCache, key: CacheKey) ->
         "budgets": json.dumps(None if cache.thresholds is None else list(cache.thresholds[0].budgets)),
         "crc32": json.dumps({name: _crc32(tensor) for name, tensor in tensors.items()}),
     }
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    _atomic_save(tensors, metadata, Path(path))
 
 
 def load_cache(path: str | os.PathLike, key: CacheKey) -> ClusteredCache:
@@ -187,3 +177,92 @@ def _unflatten(tensors: dict[str, Tensor], num_layers: int, budgets: list[float]
 
 def _crc32(tensor: Tensor) -> int:
     return zlib.crc32(tensor.contiguous().view(torch.uint8).numpy())
+
+
+class PrefillCheckpoints:
+    """Saved slices of a document's dense prefill, so an interrupted ingest resumes where it stopped.
+
+    Slice files `prefill-{start}-{end}.safetensors` hold every layer's keys and values of document
+    positions [start, end) ([Hkv, end-start, D] each) with the document's key and CRCs in their
+    metadata; each is written atomically like `save_cache`. `restore` returns the longest run of
+    usable slices from position 0 and deletes anything else it finds (other keys, damaged files, gaps),
+    so a stale or broken checkpoint costs a re-prefill, never a wrong cache.
+    """
+
+    PATTERN = "prefill-*.safetensors"
+
+    def __init__(self, folder: str | os.PathLike, key: CacheKey):
+        self.folder = Path(folder)
+        self.key = key
+
+    def save(self, start: int, layers: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Store positions [start, start + n) of every layer, layers[i] = (keys, values) [Hkv, n, D]."""
+        end = start + layers[0][0].shape[1]
+        tensors = {}
+        for index, (keys, values) in enumerate(layers):
+            tensors[f"layers.{index}.keys"] = keys.contiguous()
+            tensors[f"layers.{index}.values"] = values.contiguous()
+        metadata = dataclasses.asdict(self.key) | {
+            "format_version": str(FORMAT_VERSION),
+            "start": str(start),
+            "end": str(end),
+            "crc32": json.dumps({name: _crc32(tensor) for name, tensor in tensors.items()}),
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(tensors, metadata, self.folder / f"prefill-{start:09d}-{end:09d}.safetensors")
+
+    def restore(self) -> tuple[int, list[tuple[Tensor, Tensor]]]:
+        """(n, layers): positions [0, n) restored, layers[i] = (keys, values) [Hkv, n, D]; (0, []) if none."""
+        done, parts, broken = 0, [], False
+        for path in sorted(self.folder.glob(self.PATTERN)):  # names sort by start position
+            part = None if broken else self._read(path, done)
+            if part is None:  # unusable, or after a gap: everything from here on is prefilled again
+                broken = True
+                path.unlink(missing_ok=True)
+                continue
+            done, layers = part
+            parts.append(layers)
+        if not parts:
+            return 0, []
+        merged = [
+            (torch.cat([p[i][0] for p in parts], dim=1), torch.cat([p[i][1] for p in parts], dim=1))
+            for i in range(len(parts[0]))
+        ]
+        return done, merged
+
+    def clear(self) -> None:
+        for path in self.folder.glob(self.PATTERN):
+            path.unlink(missing_ok=True)
+        if self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def _read(self, path: Path, expected_start: int) -> tuple[int, list[tuple[Tensor, Tensor]]] | None:
+        """The slice's end and tensors if it continues at `expected_start` under our key and is intact."""
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                _check_key(path, metadata, self.key)
+                if int(metadata["start"]) != expected_start:
+                    return None
+                tensors = {name: file.get_tensor(name) for name in file.keys()}
+            expected_crc = json.loads(metadata["crc32"])
+            if set(expected_crc) != set(tensors) or any(_crc32(t) != expected_crc[n] for n, t in tensors.items()):
+                return None
+            num_layers = len(tensors) // 2
+            layers = [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]) for i in range(num_layers)]
+            return int(metadata["end"]), layers
+        except (SafetensorError, CacheError, KeyError, ValueError, OSError):
+            return None
+
+
+def _atomic_save(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from kvcache.calibration import calibrate_thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, cluster_layer
 from kvcache.selection import SelectionRule, TopBudgetRule
 from kvcache.squeezed import SqueezeStats, full_document_attention, squeezed_attention
-from kvcache.store import ClusteredCache
+from kvcache.store import ClusteredCache, PrefillCheckpoints
 from rapid.cache import KVCache
 
 SINK_TOKENS = 32  # the first tokens (template head) draw large attention from every query: always read
@@ -67,6 +68,7 @@ class SqueezedDocument:
     stats: SqueezeStats = field(default_factory=SqueezeStats)
     cluster_seconds: float = 0.0
     calibrate_seconds: float = 0.0
+    resumed_tokens: int = 0  # prefill positions restored from checkpoints instead of computed
     sink_tokens: int = SINK_TOKENS
     dense_layers: int = DENSE_LAYERS
 
@@ -111,14 +113,39 @@ def rules_for(clustered: ClusteredCache, budget: float, rule: str) -> list[Selec
 
 @torch.inference_mode()
 def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_progress: bool = False,
-                     on_chunk=None) -> tuple[SqueezedDocument, torch.Tensor]:
-    """Prefill `token_ids` densely, cluster and calibrate; returns the document and its last logits [V]."""
-    window = min(config.calibration_window, len(token_ids))
-    dense = runner.new_cache(len(token_ids))
-    if len(token_ids) > window:
-        runner.prefill(dense, token_ids[:-window], show_progress=show_progress, on_chunk=on_chunk)
+                     on_chunk=None, checkpoints: PrefillCheckpoints | None = None,
+                     checkpoint_every: int | None = None) -> tuple[SqueezedDocument, torch.Tensor]:
+    """Prefill `token_ids` densely, cluster and calibrate; returns the document and its last logits [V].
+
+    on_chunk(done, total) reports prefill progress in tokens. With `checkpoints`, the prefill first
+    restores the slices an interrupted run saved and then saves a slice every `checkpoint_every` tokens
+    (rounded up to whole prefill chunks, so chunk boundaries, and thus the KV, are those of an
+    uninterrupted run; default 8 chunks).
+    """
+    total = len(token_ids)
+    window = min(config.calibration_window, total)
+    head = total - window  # tokens before the calibration window: the checkpointed part
+    dense = runner.new_cache(total)
+    done = _restore_prefill(dense, checkpoints, head, runner.device) if checkpoints is not None else 0
+    bar = tqdm(total=total, initial=done, unit="tok", desc="prefill", disable=not show_progress, leave=False)
+
+    def report(position: int) -> None:
+        bar.update(position - bar.n)
+        if on_chunk is not None:
+            on_chunk(position, total)
+
+    chunk = runner.prefill_chunk
+    step = -(-checkpoint_every // chunk) * chunk if checkpoint_every else 8 * chunk  # whole prefill chunks
+    for start in range(done, head, step if checkpoints is not None else max(head, 1)):
+        end = min(head, start + step) if checkpoints is not None else head
+        runner.prefill(dense, token_ids[start:end], on_chunk=lambda n, _, start=start: report(start + n))
+        if checkpoints is not None:
+            checkpoints.save(start, [(layer.keys[0, :, start:end], layer.values[0, :, start:end])
+                                     for layer in dense.layers])
     recorder = QueryRecorder()
     logits = runner.prefill(dense, token_ids[-window:], record_queries=recorder)
+    report(total)
+    bar.close()
     scaling = runner.model.model.layers[0].self_attn.scaling
     start = time.perf_counter()
     layers: list[ClusteredLayer] = []
@@ -132,8 +159,22 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
     clustered = ClusteredCache(tuple(layers), thresholds)
     document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(token_ids),
                                 cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start,
-                                sink_tokens=config.sink_tokens, dense_layers=config.dense_layers)
+                                sink_tokens=config.sink_tokens, dense_layers=config.dense_layers,
+                                resumed_tokens=done)
     return document, logits
+
+
+def _restore_prefill(cache: KVCache, checkpoints: PrefillCheckpoints, limit: int, device: torch.device) -> int:
+    """Load the saved prefill slices into the empty `cache`; returns how many positions they cover."""
+    done, layers = checkpoints.restore()
+    if done == 0 or done > limit or len(layers) != len(cache.layers):
+        return 0
+    with torch.inference_mode():
+        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+            keys, values = keys.to(device), values.to(device)
+            layer.lazy_initialization(keys[None], values[None])
+            layer.update(keys[None], values[None])
+    return done
 
 
 def dense_cache(clustered: ClusteredCache, capacity: int) -> KVCache:

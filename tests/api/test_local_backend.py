@@ -213,3 +213,22 @@ def test_sampled_answers_are_reproducible_with_a_seed(local, doc_dir, eta):
     first, final = run(backend.ask(doc_dir, "What do bees do?", params, threading.Event()))
     again, _ = run(backend.ask(doc_dir, "What do bees do?", params, threading.Event()))
     assert first == again and final.speculation.num_drafts > 0
+
+
+def test_ingest_interrupted_during_prefill_resumes_from_saved_slices(local, tmp_path):
+    cache = dataclasses.replace(local.config.document_cache, checkpoint_every=256)
+    backend = LocalBackend(local.lm, local.embedder, dataclasses.replace(local.config, document_cache=cache))
+    cancel = threading.Event()
+
+    def cancel_midway(stage: str, fraction: float) -> None:
+        if stage == "prefill" and fraction > 0.7:  # more than half of the prefill is done
+            cancel.set()
+
+    with pytest.raises(IngestCancelled):
+        backend.ingest(tmp_path, TEXT, cancel_midway, cancel)
+    assert list((tmp_path / "prefill.partial").glob("prefill-*"))
+    info = backend.ingest(tmp_path, TEXT, no_progress, threading.Event())
+    prefill = next(s for s in info.steps if s.name == "target_prefill")
+    assert prefill.status == "done" and prefill.detail.startswith("resumed at token ")
+    assert int(prefill.detail.split()[3]) >= 512
+    assert not (tmp_path / "prefill.partial").exists()

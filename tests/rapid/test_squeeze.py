@@ -101,3 +101,57 @@ def test_sink_clusters_worked_example():
     assert layer.permutation.tolist() == [[1, 3, 4, 0, 2]]
     assert sink_clusters(layer, 1).tolist() == [[False, False, True]]
     assert sink_clusters(layer, 2).tolist() == [[True, False, True]]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_prefill_resumes_from_saved_slices(tiny_runner, document, tmp_path):
+    from kvcache.store import CacheKey, PrefillCheckpoints
+
+    config = SqueezeConfig(CLUSTERS, calibration_window=32)
+    key = CacheKey.build("tiny", "r1", config.cluster, torch.float32, document)
+    checkpoints = PrefillCheckpoints(tmp_path / "prefill", key)
+
+    def crash_after_100(done: int, total: int) -> None:
+        if done >= 100:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        squeeze_document(tiny_runner, document, config, on_chunk=crash_after_100, checkpoints=checkpoints,
+                         checkpoint_every=32)
+    assert len(list((tmp_path / "prefill").glob("prefill-*"))) == 3  # 0-32, 32-64, 64-96 were saved
+    reported = []
+    resumed, logits = squeeze_document(tiny_runner, document, config, on_chunk=lambda d, t: reported.append(d),
+                                       checkpoints=checkpoints, checkpoint_every=32)
+    assert reported[0] > 96 and reported[-1] == len(document)  # the first 96 positions were not prefilled again
+    fresh, fresh_logits = squeeze_document(tiny_runner, document, config)
+    torch.testing.assert_close(logits, fresh_logits)
+    for ours, theirs in zip(resumed.clustered.layers, fresh.clustered.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys)
+        assert torch.equal(ours.permutation, theirs.permutation)
+    checkpoints.clear()
+    assert not (tmp_path / "prefill").exists()
+
+
+def test_prefill_checkpoints_of_another_document_or_damaged_are_dropped(tiny_runner, document, tmp_path):
+    from kvcache.store import CacheKey, PrefillCheckpoints
+
+    config = SqueezeConfig(CLUSTERS, calibration_window=32)
+    key = CacheKey.build("tiny", "r1", config.cluster, torch.float32, document)
+    squeeze_document(tiny_runner, document, config, checkpoints=PrefillCheckpoints(tmp_path, key),
+                     checkpoint_every=64)
+    slices = sorted(tmp_path.glob("prefill-*"))
+    assert len(slices) == 4  # 208 positions before the window, in slices of 64
+    other = CacheKey.build("tiny", "r1", config.cluster, torch.float32, document[::-1])
+    assert PrefillCheckpoints(tmp_path, other).restore() == (0, [])
+    assert not list(tmp_path.glob("prefill-*"))  # a checkpoint of something else is deleted, never used
+
+    squeeze_document(tiny_runner, document, config, checkpoints=PrefillCheckpoints(tmp_path, key),
+                     checkpoint_every=64)
+    second = sorted(tmp_path.glob("prefill-*"))[1]
+    second.write_bytes(second.read_bytes()[:-10])  # truncated: slices from the second on are dropped
+    done, layers = PrefillCheckpoints(tmp_path, key).restore()
+    assert done == 64 and layers[0][0].shape[1] == 64
+    assert len(list(tmp_path.glob("prefill-*"))) == 1
