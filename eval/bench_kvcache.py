@@ -92,15 +92,15 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
 
 @torch.inference_mode()
 def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
-                    dense_layers: list[int], new_tokens: int = 16) -> dict[str, float]:
-    """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears.
+                    settings: list[tuple[float, int]], new_tokens: int = 16) -> dict[str, float]:
+    """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears (any case).
 
-    -> {"dense": accuracy, "squeezed_d<L>": accuracy with the first L layers dense, ...}.
+    settings: (budget, dense layers) pairs -> {"dense": accuracy, (budget, dense layers): accuracy, ...}.
     """
     from api.qa import ChatPrompt
 
     prompt = ChatPrompt(lm.tokenizer)
-    hits = {"dense": 0} | {f"squeezed_d{d}": 0 for d in dense_layers}
+    hits = {"dense": 0} | {setting: 0 for setting in settings}
     for k, depth in enumerate(depths):
         value = f"{'amber-falcon-river-stone'.split('-')[k % 4]}-{4127 + 31 * k}"
         haystack = insert_needle(text_of(lm.tokenizer, num_tokens), NEEDLE.format(value=value), depth)
@@ -111,19 +111,21 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
             if mode == "dense":
                 cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
             else:
-                view = with_dense_layers(document, int(mode.removeprefix("squeezed_d")))
+                view = squeezed_view(document, *mode)
                 cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
             for _ in range(new_tokens - 1):
                 out.append(int(runner.decode(cache, out[-1]).argmax()))
-            hits[mode] += int(value in lm.tokenizer.decode(out, skip_special_tokens=True))
+            hits[mode] += int(value.lower() in lm.tokenizer.decode(out, skip_special_tokens=True).lower())
     return {mode: hits[mode] / len(depths) for mode in hits}
 
 
-def with_dense_layers(document: SqueezedDocument, dense_layers: int) -> SqueezedDocument:
-    return SqueezedDocument(document.clustered, document.rules, document.num_tokens,
-                            sink_tokens=document.sink_tokens, dense_layers=dense_layers)
+def squeezed_view(document: SqueezedDocument, budget: float, dense_layers: int) -> SqueezedDocument:
+    """The same clusters read under a calibrated `budget`, with the first `dense_layers` layers dense."""
+    view = document.with_budget(budget)
+    view.dense_layers = dense_layers
+    return view
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "default/4:65536", "default/4:131072"],
                         help="MODEL:CONTEXT pairs; MODEL/L keeps the model's first L layers")
     parser.add_argument("--steps", type=int, default=256)
-    parser.add_argument("--budget", type=float, default=0.10)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
+                        help="one row per value (each must be a calibrated budget: 0.05, 0.1, 0.2)")
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
-    config = SqueezeConfig(budget=args.budget)
+    config = SqueezeConfig()
+    settings = [(budget, dense) for budget in args.budgets for dense in args.dense_layers]
     rows = []
     for item in args.plan:
         model, context = item.split(":")[0], int(item.split(":")[1])
@@ -171,12 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                                           repeats=20).items()}
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
-            needles = needle_accuracy(lm, runner, context, args.needle_depths, config, args.dense_layers)
-        for dense_layers in args.dense_layers:
-            row = common | {"dense_layers": dense_layers}
-            row |= decode_comparison(runner, with_dense_layers(document, dense_layers), logits, args.steps)
+            needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings)
+        for budget, dense_layers in settings:
+            row = common | {"budget": budget, "dense_layers": dense_layers}
+            row |= decode_comparison(runner, squeezed_view(document, budget, dense_layers), logits, args.steps)
             if needles:
-                row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[f"squeezed_d{dense_layers}"]}
+                row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[(budget, dense_layers)]}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
         del document
