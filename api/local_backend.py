@@ -69,7 +69,7 @@ from kvcache.selection import SelectionRule
 from kvcache.store import CacheError, CacheKey, ClusteredCache, PrefillCheckpoints, load_cache, save_cache
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
-from rapid.drafters.model import DraftConfig, layer_skip_view
+from rapid.drafters.model import DraftConfig, SharedRows, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel, ModelSpec, load_model
@@ -112,6 +112,9 @@ class SpeculationConfig:
     layer_skip_layers: int = 8
     eta: float = 0.0  # RAPID retrieval-augmented target: > 0 moves sampled answers toward the drafter
     draft: DraftConfig = field(default_factory=DraftConfig)
+    # "copy": self / layer-skip drafters copy their context's KV out of the target's dense cache;
+    # "prefill": they prefill the RAG context themselves
+    drafter_kv: Literal["copy", "prefill"] = "copy"
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class DecodeRequest:
     datastore: TokenDatastore | None  # the retrieval drafter's source (the document, or the prompt itself)
     query_ids: list[int]  # the retrieval drafter's starting context (what follows the document)
     kv: DocumentKV | None = None  # set when prompt_ids = the stored prefix + query_ids
+    shared: SharedRows | None = None  # the target-cache rows a drafter on the target's weights may copy
 
 
 class LocalBackend:
@@ -451,7 +455,9 @@ class LocalBackend:
         doc_ids = layout.before + doc.token_ids.tolist() + layout.after
         if len(doc_ids) + params.max_tokens <= self.max_context:
             kv = doc.kv if layout.before == self.document_head else None
-            request = DecodeRequest(doc_ids, rag_ids, doc.datastore, layout.after, kv)
+            spans = [(source.token_start, source.token_end) for source in context.sources]
+            shared = SharedRows.from_spans(len(layout.before), spans, len(layout.before) + len(doc.token_ids))
+            request = DecodeRequest(doc_ids, rag_ids, doc.datastore, layout.after, kv, shared)
             target_context = "document"
         else:
             prompt_ids = self._fit(rag_ids, params, layout.param)
@@ -522,8 +528,9 @@ class LocalBackend:
         runner = self.drafter_runner
         if runner is self.runner and request.draft_ids == request.prompt_ids:
             runner = None
+        shared = request.shared if speculation.drafter_kv == "copy" else None
         return build_drafters(runner, request.draft_ids, request.datastore, request.query_ids, self._uses_retrieval,
-                              speculation.draft, max_tokens, speculation.tree_budget, sampling)
+                              speculation.draft, max_tokens, speculation.tree_budget, sampling, shared)
 
     @property
     def _uses_retrieval(self) -> bool:

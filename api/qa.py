@@ -24,7 +24,7 @@ import numpy as np
 
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
-from rapid.drafters.model import DraftConfig, layer_skip_view
+from rapid.drafters.model import DraftConfig, SharedRows, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel
@@ -52,6 +52,9 @@ class QAConfig:
     fuse_retrieval: bool = True  # add the datastore's retrieval tree to a model drafter's tree
     layer_skip_layers: int = 8
     draft: DraftConfig = field(default_factory=DraftConfig)
+    # "copy": a drafter on the target's weights copies its context's KV out of the target's cache;
+    # "prefill": it prefills the RAG context itself (RAPID's original drafter)
+    drafter_kv: Literal["copy", "prefill"] = "copy"
     tree_budget: int = 16
     prune_threshold: float = 0.0
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
@@ -226,9 +229,13 @@ class DocumentQA:
         config = self.config
         runner = self.drafter_runner.get(config.drafter)
         use_retrieval = config.drafter == "retrieval" or (runner is not None and config.fuse_retrieval)
+        shared = None
+        if config.drafter in ("self", "layer-skip") and config.drafter_kv == "copy":
+            spans = [(source.token_start, source.token_end) for source in rag.sources]
+            shared = SharedRows.from_spans(len(self.prompt.head_ids), spans, document.prefix_len)
         return build_drafters(runner, self.prompt.head_ids + rag.token_ids.tolist() + question_ids,
                               document.datastore, question_ids, use_retrieval, config.draft,
-                              options.max_new_tokens, config.tree_budget, options.sampling)
+                              options.max_new_tokens, config.tree_budget, options.sampling, shared)
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.target.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -8,7 +8,8 @@ document state:
   hf-early-exit transformers assisted generation with the same layer-skip drafter (`assistant_early_exit`)
   hf-lookup     transformers prompt lookup decoding (`prompt_lookup_num_tokens`)
   spec-*        our engine with each drafter (retrieval, self = RAPID's RAG self-speculation, layer-skip,
-                and fused = model drafter + retrieval tree)
+                and fused = model drafter + retrieval tree); self and layer-skip copy their RAG context's KV
+                out of the target's cache, spec-self-prefill prefills it (RAPID's original drafter)
 transformers methods get the document prefilled into a DynamicCache too. `tokens_per_s` covers one
 question end to end after ingest (question prefill, retrieval, the drafter's prefill on its RAG context,
 decoding); `decode_tokens_per_s` counts from the first answer token to the last. Contexts past the
@@ -45,6 +46,7 @@ QUESTIONS = (
 OUR_METHODS = {
     "spec-retrieval": dict(drafter="retrieval"),
     "spec-self": dict(drafter="self", fuse_retrieval=False),
+    "spec-self-prefill": dict(drafter="self", fuse_retrieval=False, drafter_kv="prefill"),
     "spec-self+retrieval": dict(drafter="self", fuse_retrieval=True),
     "spec-layer-skip": dict(drafter="layer-skip", fuse_retrieval=False),
     "spec-layer-skip+retrieval": dict(drafter="layer-skip", fuse_retrieval=True),

@@ -109,6 +109,26 @@ class KVCache(Cache):
         for layer in self.layers:
             layer.length = length
 
+    def gather(self, rows: torch.Tensor, capacity: int, num_layers: int | None = None) -> KVCache:
+        """A new cache holding rows `rows` (ascending) of this one's first `num_layers` layers, room for
+        `capacity` more, continuing at this cache's next position.
+
+        A RAG drafter built on the target's weights reads the retrieved chunks' KV this way instead of
+        prefilling them: the copied rows keep the positions (RoPE) and the full-context KV they were
+        computed with. Example: rows [0, 1, 7, 8] of a 10-token cache -> 4 rows, next position 10.
+        """
+        if self.document is not None or self.position_offset:
+            raise ValueError("gather reads a dense cache that starts at position 0")
+        layers = self.layers[: num_layers or len(self.layers)]
+        out = KVCache(len(layers), len(rows) + capacity, position_offset=self.next_position - len(rows))
+        with torch.inference_mode():
+            for target, source in zip(out.layers, layers, strict=True):
+                keys = source.keys.index_select(2, rows)
+                values = source.values.index_select(2, rows)
+                target.lazy_initialization(keys, values)
+                target.update(keys, values)
+        return out
+
     def commit(self, start: int, kept: torch.Tensor) -> None:
         """After verifying a tree appended at `start`, keep the nodes `kept` (ascending node indices).
 

@@ -78,7 +78,7 @@ class SpeculativeEngine:
         with _timed(stats, "prefill"):
             logits = self.runner.prefill(cache, prompt_ids)
             for drafter in drafters:
-                drafter.start()
+                drafter.start(cache)
         start = time.perf_counter()
         new_tokens = self._emit([next_token(logits, sampling, gen)], 0)
         emitted = len(new_tokens)

@@ -18,20 +18,23 @@ DrafterKind = Literal["draft", "retrieval"]
 class Drafter(Protocol):
     kind: DrafterKind
 
-    def start(self) -> None:
-        """Prefill whatever context the drafter reads (called once per request)."""
+    def start(self, target_cache=None) -> None:
+        """Set up the context the drafter reads, once per request, after the target took the prompt
+        (`target_cache`: the target's cache, which a drafter on the target's weights may copy rows from)."""
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:
         """A tree of at most `budget` nodes besides the root `new_tokens[-1]`."""
 
 
 def build_drafters(runner, draft_ids: list[int], datastore, query_ids: list[int], use_retrieval: bool, config,
-                   max_new_tokens: int, tree_budget: int, sampling) -> list[Drafter]:
+                   max_new_tokens: int, tree_budget: int, sampling, shared=None) -> list[Drafter]:
     """The drafters of one request, model drafter first (RASD prunes retrieval trees by its distribution).
 
     runner: the drafter model's `ModelRunner` (the target's own for self-speculation, a layer-skip view,
     a smaller model), or None for no model drafter; draft_ids: its context (RAG context + question);
     datastore / query_ids: the retrieval drafter's index and the tokens its lookups start from.
+    shared: `SharedRows` when the drafter runs on the target's weights (self, layer-skip): it copies its
+    context's KV out of the target's cache instead of prefilling `draft_ids`.
     A sampling drafter gets its own random stream (seed + 1): drawing drafts from the verifier's stream
     would correlate proposals with acceptance tests and break exactness.
     """
@@ -47,7 +50,7 @@ def build_drafters(runner, draft_ids: list[int], datastore, query_ids: list[int]
             seed = None if sampling.seed is None else sampling.seed + 1
             generator = replace(sampling, seed=seed).generator(runner.device)
         capacity = model_capacity(max_new_tokens, tree_budget)
-        drafters.append(ModelDrafter(runner, draft_ids, capacity, config, sampling, generator))
+        drafters.append(ModelDrafter(runner, draft_ids, capacity, config, sampling, generator, shared))
     if use_retrieval and datastore is not None:
         drafters.append(RetrievalDrafter(datastore, query_ids))
     return drafters

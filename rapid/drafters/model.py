@@ -10,6 +10,12 @@ probable children (greedy and deterministic) or into one sampled child (sampling
 use the true draft distribution). Growth stops at `max_depth`, at the node budget, or when the best
 open path's probability falls below `min_path_prob` (SpecDec++: stop once a rejection is likely).
 The draft nodes' KV is dropped after proposing; the next call re-feeds what the target accepted.
+
+A drafter on the target's own weights (self-speculation, layer-skip) need not prefill its context at
+all: with `SharedRows` it copies the context's rows out of the target's dense cache when the request
+starts (the template head, the retrieved chunks, the question; for layer-skip, of its first L layers,
+which are the target's). Those rows keep their document positions and the KV the target computed with
+the whole document in view, so the drafter is the target reading a sparse subset of its cache.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rapid.cache import KVCache
 from rapid.runner import ModelRunner
 from rapid.sampling import SamplingConfig, sample, warp
 from rapid.tree import SOURCE_DRAFT, TokenTree
@@ -37,22 +44,53 @@ class DraftConfig:
             raise ValueError(f"min_path_prob must be in [0, 1), got {self.min_path_prob}")
 
 
+@dataclass(frozen=True)
+class SharedRows:
+    """The target-cache rows a drafter on the target's weights reads: `document_rows` (ascending, all
+    below `prefix_len`) plus every row the target appended after the document prefix (the question)."""
+
+    document_rows: torch.Tensor  # [R] int64
+    prefix_len: int
+
+    @classmethod
+    def from_spans(cls, head_len: int, spans: list[tuple[int, int]], prefix_len: int) -> SharedRows:
+        """The template head [0, head_len) and document token spans [start, end) shifted past the head.
+
+        Example: head_len 3, spans [(0, 2), (1, 4)], prefix_len 20 -> rows [0, 1, 2, 3, 4, 5, 6].
+        """
+        rows = [torch.arange(head_len)] + [torch.arange(head_len + a, head_len + b) for a, b in spans]
+        return cls(torch.unique(torch.cat(rows)), prefix_len)
+
+
 class ModelDrafter:
     kind = "draft"
 
     def __init__(self, runner: ModelRunner, context_ids: list[int], capacity: int, config: DraftConfig,
-                 sampling: SamplingConfig, generator: torch.Generator | None = None):
+                 sampling: SamplingConfig, generator: torch.Generator | None = None,
+                 shared: SharedRows | None = None):
         if not context_ids:
             raise ValueError("a model drafter needs a non-empty context")
         self.runner = runner
         self.context_ids = context_ids
+        self.capacity = capacity
         self.config = config
         self.sampling = sampling
         self.generator = generator
-        self.cache = runner.new_cache(len(context_ids) + capacity)
+        self.shared = shared
+        self.cache = None
+        self.copied_rows = 0  # context rows taken from the target's cache instead of prefilled
         self.distributions: dict[tuple[int, ...], torch.Tensor] = {}  # path below root -> probs [V]
 
-    def start(self) -> None:
+    def start(self, target_cache: KVCache | None = None) -> None:
+        """Copy the shared rows out of `target_cache` (dense, holding the prompt) or prefill the context."""
+        if self.shared is not None and target_cache is not None and target_cache.document is None:
+            tail = torch.arange(self.shared.prefix_len, target_cache.length)
+            rows = torch.cat([self.shared.document_rows, tail]).to(target_cache.layers[0].keys.device)
+            layers = self.runner.model.config.num_hidden_layers
+            self.cache = target_cache.gather(rows, self.capacity, num_layers=layers)
+            self.copied_rows = len(rows)
+            return
+        self.cache = self.runner.new_cache(len(self.context_ids) + self.capacity)
         self.runner.prefill(self.cache, self.context_ids)
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:

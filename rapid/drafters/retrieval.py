@@ -32,7 +32,7 @@ class RetrievalDrafter:
         self.recent = list(query_ids)
         self.generated: list[int] = []
 
-    def start(self) -> None:
+    def start(self, target_cache=None) -> None:
         pass
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:

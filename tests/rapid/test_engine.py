@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rapid.drafters.model import DraftConfig, ModelDrafter, layer_skip_view
+from rapid.drafters.model import DraftConfig, ModelDrafter, SharedRows, layer_skip_view
 from rapid.drafters.retrieval import RetrievalDrafter
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.generate import GenerationConfig, generate_all
@@ -42,6 +42,10 @@ def drafters_for(name, runner, tiny, document, question, datastore, shape):
         return [ModelDrafter(runner, rag, 64, shape, SamplingConfig())]
     if name == "layer-skip":
         return [ModelDrafter(ModelRunner(layer_skip_view(tiny.model, 1)), rag, 64, shape, SamplingConfig())]
+    if name in ("self-shared", "layer-skip-shared"):  # the last 40 document rows copied from the target
+        shared = SharedRows.from_spans(0, [(len(document) - 40, len(document))], len(document))
+        model_runner = runner if name == "self-shared" else ModelRunner(layer_skip_view(tiny.model, 1))
+        return [ModelDrafter(model_runner, rag, 64, shape, SamplingConfig(), shared=shared)]
     if name == "retrieval":
         return [RetrievalDrafter(datastore, question)]
     if name == "fused":
@@ -50,13 +54,28 @@ def drafters_for(name, runner, tiny, document, question, datastore, shape):
 
 
 @pytest.mark.parametrize("shape", [CHAIN, TREE], ids=["chain", "tree"])
-@pytest.mark.parametrize("name", ["self", "layer-skip", "retrieval", "fused"])
+@pytest.mark.parametrize("name", ["self", "layer-skip", "self-shared", "layer-skip-shared", "retrieval", "fused"])
 def test_greedy_output_equals_the_target(tiny, tiny_runner, workload, name, shape):
     document, question, reference, datastore = workload
     drafters = drafters_for(name, tiny_runner, tiny, document, question, datastore, shape)
     out, stats = run_engine(tiny_runner, document + question, drafters, EngineConfig(max_new_tokens=30))
     assert out == reference
     assert stats.num_emitted_tokens == 30 and stats.num_drafts > 0
+
+
+def test_a_self_drafter_sharing_every_row_is_the_target_and_never_rejected(tiny_runner, workload):
+    document, question, reference, _ = workload
+    shared = SharedRows.from_spans(0, [(0, len(document))], len(document))
+    drafter = ModelDrafter(tiny_runner, [0], 64, CHAIN, SamplingConfig(), shared=shared)
+    out, stats = run_engine(tiny_runner, document + question, [drafter], EngineConfig(max_new_tokens=30))
+    assert out == reference
+    assert drafter.copied_rows == len(document) + len(question)  # nothing was prefilled
+    assert stats.num_accepted_tokens == stats.num_draft_tokens  # it drafts exactly what the target says
+
+
+def test_shared_rows_docstring_example():
+    rows = SharedRows.from_spans(3, [(0, 2), (1, 4)], 20)
+    assert rows.document_rows.tolist() == [0, 1, 2, 3, 4, 5, 6] and rows.prefix_len == 20
 
 
 def test_retrieval_drafts_are_accepted_when_the_answer_is_in_the_document(tiny_runner, workload):
