@@ -2,6 +2,10 @@
 
 Positions are always passed explicitly, so a tree node at depth d sits at `prefix_len + d` whatever
 its row in the cache is.
+
+For a Llama-style model (a `model` body and an `lm_head`) the runner applies the head itself, to the
+rows it needs only: one row through `torch.mv` in bf16/fp16, which on this CPU ran the 49152 x 576
+head in 10.8 ms against 22.2 ms for `F.linear` (fp32: linear 17.1 ms, mv 20.5 ms, so fp32 keeps linear).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk
+        head = getattr(model, "lm_head", None)
+        plain = getattr(model.config, "final_logit_softcapping", None) is None
+        self._head = head.weight if isinstance(head, torch.nn.Linear) and head.bias is None and plain else None
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache.for_model(self.model, capacity)
@@ -33,11 +40,23 @@ class ModelRunner:
     def _positions(self, start: int, count: int) -> torch.Tensor:
         return torch.arange(start, start + count, device=self.device)[None]
 
-    def _forward(self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
-        """One model forward on `cache`; a squeezed document cache routes attention through its clusters."""
+    def _forward(self, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, last_only: bool = False,
+                 **kwargs) -> torch.Tensor:
+        """One model forward on `cache` -> logits [q, V] (the last row only with `last_only`).
+
+        A squeezed document cache routes attention through its clusters.
+        """
         if cache.document is not None:
             kwargs["squeeze"] = cache.document
-        return self.model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True, **kwargs)
+        if self._head is None:
+            out = self.model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True,
+                             logits_to_keep=1 if last_only else 0, **kwargs)
+            return out.logits[0]
+        out = self.model.model(input_ids=input_ids, cache=cache, position_ids=position_ids, use_cache=True, **kwargs)
+        hidden = out.last_hidden_state[0, -1:] if last_only else out.last_hidden_state[0]  # [q, hidden]
+        if hidden.shape[0] == 1 and hidden.dtype in (torch.bfloat16, torch.float16):
+            return torch.mv(self._head, hidden[0])[None]
+        return torch.nn.functional.linear(hidden, self._head)
 
     @torch.inference_mode()
     def prefill(self, cache: KVCache, token_ids: list[int] | torch.Tensor, show_progress: bool = False,
@@ -55,9 +74,8 @@ class ModelRunner:
         logits = None
         for begin in range(0, total, self.prefill_chunk):
             chunk = ids[begin:begin + self.prefill_chunk][None]
-            out = self._forward(cache, chunk, self._positions(cache.next_position, chunk.shape[1]), logits_to_keep=1,
-                                **kwargs)
-            logits = out.logits[0, -1]
+            logits = self._forward(cache, chunk, self._positions(cache.next_position, chunk.shape[1]), last_only=True,
+                                   **kwargs)[-1]
             bar.update(chunk.shape[1])
             if on_chunk is not None:
                 on_chunk(begin + chunk.shape[1], total)
@@ -68,8 +86,7 @@ class ModelRunner:
     def decode(self, cache: KVCache, token: int) -> torch.Tensor:
         """Append one token; returns the logits [V] after it."""
         ids = torch.tensor([[token]], device=self.device)
-        out = self._forward(cache, ids, self._positions(cache.next_position, 1))
-        return out.logits[0, -1]
+        return self._forward(cache, ids, self._positions(cache.next_position, 1))[-1]
 
     @torch.inference_mode()
     def score_nodes(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, tail_mask: torch.Tensor,
@@ -83,8 +100,7 @@ class ModelRunner:
         n = tokens.shape[0]
         mask = torch.ones(1, 1, n, cache.length + n, dtype=torch.bool, device=self.device)
         mask[0, 0, :, tail_start:] = tail_mask.to(self.device)
-        out = self._forward(cache, tokens.to(self.device)[None], positions.to(self.device)[None], attention_mask=mask)
-        return out.logits[0]
+        return self._forward(cache, tokens.to(self.device)[None], positions.to(self.device)[None], attention_mask=mask)
 
     def score_tree(self, cache: KVCache, tokens: torch.Tensor, depths: torch.Tensor,
                    tree_mask: torch.Tensor) -> torch.Tensor:
