@@ -1,0 +1,22 @@
+"""Smoke runs of the benchmark scripts on the tiny random model: they run end to end and report every row."""
+
+from eval import bench_kvcache, bench_spec
+
+
+def test_bench_kvcache_reports_one_row_per_setting():
+    result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--needle-depths", "--budgets", "0.1", "0.2",
+                                 "--dense-layers", "1", "0"])
+    rows = result["rows"]
+    assert [(r["budget"], r["dense_layers"]) for r in rows] == [(0.1, 1), (0.1, 0), (0.2, 1), (0.2, 0)]
+    for row in rows:
+        assert row["context"] == 600 and 0 < row["kv_read_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1
+        assert row["prefill_s"] > 0 and row["dense_step_ms"] > 0 and row["squeezed_step_ms"] > 0
+
+
+def test_bench_spec_checks_every_method_against_ar():
+    methods = ["spec-retrieval", "spec-self", "spec-self-prefill", "spec-layer-skip+retrieval"]
+    result = bench_spec.main(["--model", "tiny", "--contexts", "600", "--questions", "1", "--new-tokens", "6",
+                              "--layer-skip-layers", "1", "--methods", *methods])
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"ar", *methods}
+    assert all(row["identical_to_ar"] for row in rows.values())  # fp32 greedy: every method is the target
