@@ -168,14 +168,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {context} tokens | {question[:40]!r}: " + ", ".join(
                 f"{n} {len(o) / s:.1f} tok/s" for n, (o, s, _, _) in results.items()), flush=True)
         ar_speed, ar_rate = statistics.median(times["ar"]), statistics.median(rates["ar"])
-        hf_assisted = statistics.median(times["hf-early-exit"]) if "hf-early-exit" in times else None
+        assisted = {name: statistics.median(times[name]) for name in ("hf-early-exit", "hf-lookup") if name in times}
         for name in times:
             speed = statistics.median(times[name])
             rate = statistics.median(rates[name])
             row = {"context": context, "method": name, "tokens_per_s": round(speed, 3),
                    "speedup_vs_ar": round(speed / ar_speed, 3),
                    "decode_tokens_per_s": round(rate, 3), "decode_speedup_vs_ar": round(rate / ar_rate, 3),
-                   "speedup_vs_hf_early_exit": round(speed / hf_assisted, 3) if hf_assisted else None,
+                   **{f"speedup_vs_{name.replace('-', '_')}": round(speed / other, 3)
+                      for name, other in assisted.items()},
                    "mean_acceptance_length": round(statistics.median(lengths[name]), 3)
                    if name.startswith("spec") else None,
                    "identical_to_ar": identical[name], "new_tokens": tokens[name],
