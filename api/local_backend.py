@@ -216,7 +216,8 @@ class LocalBackend:
         speculation = SpeculationConfig(drafter=settings.drafter, fuse_retrieval=settings.fuse_retrieval,
                                         tree_budget=settings.tree_budget,
                                         layer_skip_layers=settings.layer_skip_layers, eta=settings.eta)
-        squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule)
+        squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule,
+                                dense_layers=settings.squeeze_dense_layers)
         document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
                                              attention=settings.attention, squeeze=squeeze)
         config = LocalBackendConfig(chunk=ChunkConfig(chunk_tokens=settings.chunk_tokens), rag=rag,

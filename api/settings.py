@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     squeeze_rule: Literal["threshold", "top"] = Field(
         default="threshold", description="'threshold' = calibrated thresholds (budget 0.05, 0.1 or 0.2), "
         "'top' = the best clusters up to the budget")
+    squeeze_dense_layers: int = Field(  # default = rapid.squeeze.DENSE_LAYERS
+        default=2, ge=0, description="the first layers read every document key ('squeezed'): their attention "
+        "is too broad to squeeze")
 
     @model_validator(mode="after")
     def _calibrated_budget(self):
