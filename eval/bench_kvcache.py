@@ -111,7 +111,7 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
             if mode == "dense":
                 cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
             else:
-                view = squeezed_view(document, *mode)
+                view = document.with_budget(mode[0], dense_layers=mode[1])
                 cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
@@ -119,13 +119,6 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
                 out.append(int(runner.decode(cache, out[-1]).argmax()))
             hits[mode] += int(value.lower() in lm.tokenizer.decode(out, skip_special_tokens=True).lower())
     return {mode: hits[mode] / len(depths) for mode in hits}
-
-
-def squeezed_view(document: SqueezedDocument, budget: float, dense_layers: int) -> SqueezedDocument:
-    """The same clusters read under a calibrated `budget`, with the first `dense_layers` layers dense."""
-    view = document.with_budget(budget)
-    view.dense_layers = dense_layers
-    return view
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings)
         for budget, dense_layers in settings:
             row = common | {"budget": budget, "dense_layers": dense_layers}
-            row |= decode_comparison(runner, squeezed_view(document, budget, dense_layers), logits, args.steps)
+            view = document.with_budget(budget, dense_layers=dense_layers)
+            row |= decode_comparison(runner, view, logits, args.steps)
             if needles:
                 row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[(budget, dense_layers)]}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})

@@ -123,10 +123,7 @@ class KVCache(Cache):
         out = KVCache(len(layers), len(rows) + capacity, position_offset=self.next_position - len(rows))
         with torch.inference_mode():
             for target, source in zip(out.layers, layers, strict=True):
-                keys = source.keys.index_select(2, rows)
-                values = source.values.index_select(2, rows)
-                target.lazy_initialization(keys, values)
-                target.update(keys, values)
+                target.update(source.keys.index_select(2, rows), source.values.index_select(2, rows))
         return out
 
     def commit(self, start: int, kept: torch.Tensor) -> None:

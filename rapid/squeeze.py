@@ -84,10 +84,13 @@ class SqueezedDocument:
         return squeezed_attention(query, self.clustered.layers[layer_idx], self.rules[layer_idx], tail_keys,
                                   tail_values, tail_mask, scaling, self.stats, self.always_read[layer_idx])
 
-    def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold") -> SqueezedDocument:
-        """The same clusters read under another budget (a calibrated one for "threshold")."""
+    def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold",
+                    dense_layers: int | None = None) -> SqueezedDocument:
+        """The same clusters read under another budget (a calibrated one for "threshold"), and optionally
+        another count of dense first layers."""
+        dense_layers = self.dense_layers if dense_layers is None else dense_layers
         return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens,
-                                sink_tokens=self.sink_tokens, dense_layers=self.dense_layers)
+                                sink_tokens=self.sink_tokens, dense_layers=dense_layers)
 
 
 def sink_clusters(layer: ClusteredLayer, sink_tokens: int) -> torch.Tensor:
@@ -96,12 +99,10 @@ def sink_clusters(layer: ClusteredLayer, sink_tokens: int) -> torch.Tensor:
     Example: permutation [[1, 3, 4, 0, 2]] with offsets [[0, 3, 3, 5]] and sink_tokens 1: position 0 is
     stored at row 3, which is in cluster 2, so the result is [[False, False, True]].
     """
-    rows = layer.permutation < sink_tokens  # [Hkv, T] rows holding a sink position
-    clusters = torch.searchsorted(layer.offsets[:, 1:].contiguous(), torch.arange(layer.num_tokens).expand_as(rows)
-                                  .contiguous(), right=True)  # [Hkv, T] cluster of each row
     out = torch.zeros(layer.sizes.shape, dtype=torch.bool)
     for head in range(out.shape[0]):
-        out[head, clusters[head][rows[head]]] = True
+        rows = torch.nonzero(layer.permutation[head] < sink_tokens).squeeze(1)  # rows holding a sink position
+        out[head, torch.searchsorted(layer.offsets[head, 1:].contiguous(), rows, right=True)] = True
     return out
 
 
@@ -135,9 +136,11 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
             on_chunk(position, total)
 
     chunk = runner.prefill_chunk
-    step = -(-checkpoint_every // chunk) * chunk if checkpoint_every else 8 * chunk  # whole prefill chunks
-    for start in range(done, head, step if checkpoints is not None else max(head, 1)):
-        end = min(head, start + step) if checkpoints is not None else head
+    step = max(head, 1)  # without checkpoints: one prefill call
+    if checkpoints is not None:
+        step = -(-checkpoint_every // chunk) * chunk if checkpoint_every else 8 * chunk  # whole prefill chunks
+    for start in range(done, head, step):
+        end = min(head, start + step)
         runner.prefill(dense, token_ids[start:end], on_chunk=lambda n, _, start=start: report(start + n))
         if checkpoints is not None:
             checkpoints.save(start, [(layer.keys[0, :, start:end], layer.values[0, :, start:end])
@@ -171,9 +174,7 @@ def _restore_prefill(cache: KVCache, checkpoints: PrefillCheckpoints, limit: int
         return 0
     with torch.inference_mode():
         for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-            keys, values = keys.to(device), values.to(device)
-            layer.lazy_initialization(keys[None], values[None])
-            layer.update(keys[None], values[None])
+            layer.update(keys.to(device)[None], values.to(device)[None])
     return done
 
 
@@ -190,6 +191,5 @@ def dense_cache(clustered: ClusteredCache, capacity: int) -> KVCache:
     with torch.inference_mode():
         for layer, stored in zip(cache.layers, clustered.layers, strict=True):
             keys, values = stored.original_order()  # [Hkv, T, D]
-            layer.lazy_initialization(keys[None], values[None])
             layer.update(keys[None], values[None])
     return cache

@@ -61,8 +61,7 @@ def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, docu
     torch.testing.assert_close(tiny_runner.prefill(tiny_runner.new_tail_cache(squeezed, 64), question), expected,
                                atol=1e-4, rtol=1e-4)
     assert squeezed.stats.read_fraction == pytest.approx(1.0)
-    one = squeezed.with_budget(0.05)
-    one.dense_layers = 1
+    one = squeezed.with_budget(0.05, dense_layers=1)
     tiny_runner.prefill(tiny_runner.new_tail_cache(one, 64), question)
     assert 1 / 3 < one.stats.read_fraction < 1.0
 
