@@ -36,6 +36,12 @@ class SqueezeStats:
     keys_read: int = 0
     keys_selected: int = 0
 
+    def add(self, doc_keys: int, queries: int, keys_read: int, keys_selected: int) -> None:
+        self.doc_keys += doc_keys
+        self.queries += queries
+        self.keys_read += keys_read
+        self.keys_selected += keys_selected
+
     @property
     def read_fraction(self) -> float:
         """Fraction of the document keys actually read."""
@@ -100,10 +106,8 @@ def squeezed_attention(
         out = torch.zeros_like(query)
 
     if stats is not None:
-        stats.doc_keys += num_kv_heads * doc.num_tokens
-        stats.queries += num_queries
-        stats.keys_read += int(valid.sum())
-        stats.keys_selected += int((selected * doc.sizes[:, None, :]).sum())
+        selected_keys = int((selected * doc.sizes[:, None, :]).sum())
+        stats.add(num_kv_heads * doc.num_tokens, num_queries, int(valid.sum()), selected_keys)
     return out
 
 
@@ -193,10 +197,8 @@ def full_document_attention(
         torch.exp(doc_lse - lse)[..., None] * doc_out.float() + torch.exp(tail_lse - lse)[..., None] * tail_out.float()
     )
     if stats is not None:
-        stats.doc_keys += num_kv_heads * doc.num_tokens
-        stats.queries += num_queries
-        stats.keys_read += num_kv_heads * doc.num_tokens
-        stats.keys_selected += num_kv_heads * doc.num_tokens * num_queries
+        doc_keys = num_kv_heads * doc.num_tokens
+        stats.add(doc_keys, num_queries, doc_keys, doc_keys * num_queries)
     return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
 
 
