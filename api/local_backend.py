@@ -69,7 +69,7 @@ from kvcache.selection import SelectionRule
 from kvcache.store import CacheError, CacheKey, ClusteredCache, PrefillCheckpoints, load_cache, save_cache
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
-from rapid.drafters.model import DraftConfig, SharedRows, layer_skip_view
+from rapid.drafters.model import DraftConfig, DrafterKV, SharedRows, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel, ModelSpec, load_model
@@ -112,9 +112,7 @@ class SpeculationConfig:
     layer_skip_layers: int = 8
     eta: float = 0.0  # RAPID retrieval-augmented target: > 0 moves sampled answers toward the drafter
     draft: DraftConfig = field(default_factory=DraftConfig)
-    # "copy": self / layer-skip drafters copy their context's KV out of the target's dense cache;
-    # "prefill": they prefill the RAG context themselves
-    drafter_kv: Literal["copy", "prefill"] = "copy"
+    drafter_kv: DrafterKV = "copy"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
-from rapid.drafters.model import DraftConfig, SharedRows, layer_skip_view
+from rapid.drafters.model import DraftConfig, DrafterKV, SharedRows, layer_skip_view
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel
@@ -52,9 +52,7 @@ class QAConfig:
     fuse_retrieval: bool = True  # add the datastore's retrieval tree to a model drafter's tree
     layer_skip_layers: int = 8
     draft: DraftConfig = field(default_factory=DraftConfig)
-    # "copy": a drafter on the target's weights copies its context's KV out of the target's cache;
-    # "prefill": it prefills the RAG context itself (RAPID's original drafter)
-    drafter_kv: Literal["copy", "prefill"] = "copy"
+    drafter_kv: DrafterKV = "copy"
     tree_budget: int = 16
     prune_threshold: float = 0.0
     chunk: ChunkConfig = field(default_factory=ChunkConfig)

@@ -21,6 +21,7 @@ the whole document in view, so the drafter is the target reading a sparse subset
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -42,6 +43,11 @@ class DraftConfig:
             raise ValueError("max_depth, branch and width must be >= 1")
         if not 0 <= self.min_path_prob < 1:
             raise ValueError(f"min_path_prob must be in [0, 1), got {self.min_path_prob}")
+
+
+# How a drafter on the target's weights gets its context's KV: "copy" = the rows out of the target's
+# cache (`SharedRows`), "prefill" = it prefills the RAG context itself (RAPID's original drafter).
+DrafterKV = Literal["copy", "prefill"]
 
 
 @dataclass(frozen=True)
