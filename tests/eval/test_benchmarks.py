@@ -20,3 +20,11 @@ def test_bench_spec_checks_every_method_against_ar():
     rows = {row["method"]: row for row in result["rows"]}
     assert set(rows) == {"ar", *methods}
     assert all(row["identical_to_ar"] for row in rows.values())  # fp32 greedy: every method is the target
+
+
+def test_bench_tree_times_every_node_count():
+    from eval import bench_tree
+
+    result = bench_tree.main(["--model", "tiny", "--context", "300", "--nodes", "1", "4", "--repeats", "2"])
+    assert [row["nodes"] for row in result["rows"]] == [1, 4]
+    assert result["decode_ms"] > 0 and all(row["ms"] > 0 for row in result["rows"])
