@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kvcache.clustering import ClusteredLayer
+from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
 from kvcache.selection import SelectionRule, padded_ranges, select_clusters
 
 
@@ -95,13 +95,13 @@ def squeezed_attention(
             if tail_mask is None
             else tail_mask[None].expand(num_kv_heads, -1, -1)
         )
-        mask = torch.cat([doc_mask, tail_part], dim=2).repeat_interleave(group, dim=0)[None]
-    out = F.scaled_dot_product_attention(
-        query.to(keys.dtype), keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
-    ).to(query.dtype)
+        mask = torch.cat([doc_mask, tail_part], dim=2)[None]  # [1, Hkv, N, M+S]
+    out = grouped_sdpa(query.to(keys.dtype), keys[None], values[None], mask, scaling).to(query.dtype)
     if mask is not None and keys.shape[1]:
         seen = mask.any(dim=-1, keepdim=True)  # a query that sees nothing gets zeros, not NaN
-        out = out if bool(seen.all()) else out.masked_fill(~seen, 0.0)
+        if not bool(seen.all()):
+            out = out.view(1, num_kv_heads, group, num_queries, head_dim).masked_fill(~seen[:, :, None], 0.0)
+            out = out.view(query.shape)
     elif not keys.shape[1]:
         out = torch.zeros_like(query)
 
@@ -185,9 +185,9 @@ def full_document_attention(
     assert batch == 1, f"squeezed attention serves one document at a time, got batch {batch}"
     num_kv_heads = doc.keys.shape[0]
     group = num_heads // num_kv_heads
-    folded = query.to(doc.keys.dtype).reshape(1, num_kv_heads, group * num_queries, head_dim)
+    folded = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
     doc_out, doc_lse = _attention_with_lse(folded, doc.keys[None], doc.values[None], None, scaling)
-    mask = None if tail_mask is None else tail_mask.repeat(group, 1)[None, None]  # [1, 1, G*N, S]
+    mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]  # [1, 1, G*N, S]
     tail_out, tail_lse = _attention_with_lse(
         folded, tail_keys.to(folded.dtype), tail_values.to(folded.dtype), mask, scaling
     )

@@ -3,18 +3,20 @@
 The mask function builds one boolean mask per forward (shared by every layer): `None` for a single
 decode query (it sees the whole cache), a causal mask offset by the cache length for prefill chunks.
 Tree verification passes its own 4D boolean mask, which transformers hands through unchanged.
-The attention function calls SDPA with `enable_gqa=True`: the stock sdpa path repeats K/V per query head
-when a mask is given (four copies of the cache for a 4-way GQA group). A squeezed document (passed by the
-runner as the forward kwarg `squeeze`) sends attention through `kvcache.squeezed_attention` instead.
+The attention function calls SDPA with each KV head's query heads folded into its query rows
+(`kvcache.gqa`): the stock sdpa path repeats K/V per query head when a mask is given (four copies of the
+cache for a 4-way GQA group), and even `enable_gqa=True` streams each KV head once per query head.
+A squeezed document (passed by the runner as the forward kwarg `squeeze`) sends attention through
+`kvcache.squeezed_attention` instead.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvcache.gqa import grouped_sdpa
 from rapid.squeeze import QueryRecorder, SqueezedDocument
 
 ATTENTION_NAME = "rapid"
@@ -48,8 +50,7 @@ def rapid_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         tail_mask = None if attention_mask is None else attention_mask[0, 0]  # [q, S]
         out = squeeze.attend(module.layer_idx, query, key, value, tail_mask, scaling)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                             enable_gqa=True)
+        out = grouped_sdpa(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
