@@ -2,7 +2,8 @@
 
 For each (model, context): one dense prefill of a public-domain text, clustering + calibration of its
 keys (timed against the prefill), then in one process:
-  - attention-only latency of one layer (SDPA over every key vs squeezed_attention over the clusters);
+  - attention-only latency of one layer (our dense SDPA over every key vs squeezed_attention over the
+    clusters);
   - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
     steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement and max
     logit difference per step;
@@ -24,14 +25,21 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from eval.bench_decode import native_context, yarn_for
+from kvcache.gqa import grouped_sdpa
 from kvcache.squeezed import SqueezeStats, squeezed_attention
 from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
-from rapid.squeeze import DENSE_LAYERS, QueryRecorder, SqueezeConfig, SqueezedDocument, dense_cache, squeeze_document
+from rapid.squeeze import (
+    DENSE_LAYERS,
+    QueryRecorder,
+    SqueezeConfig,
+    SqueezedDocument,
+    dense_cache,
+    squeeze_document,
+)
 from retrieval.texts import insert_needle, shakespeare_text
 
 NEEDLE = "The secret passphrase for the vault is {value}."
@@ -59,8 +67,7 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
     keys, values = layer.keys[None], layer.values[None]  # [1, Hkv, T, D] (order does not matter)
     empty = keys[:, :, :0]
     scaling = query.shape[-1] ** -0.5
-    dense = median_time(lambda: F.scaled_dot_product_attention(query, keys, values, scale=scaling, enable_gqa=True),
-                        repeats)
+    dense = median_time(lambda: grouped_sdpa(query, keys, values, None, scaling), repeats)
     squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
                                                       scaling, always_read=document.always_read[layer_idx]), repeats)
     return {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed}
