@@ -506,7 +506,7 @@ class LocalBackend:
         sampling = SamplingConfig(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   seed=params.seed)
         config = EngineConfig(max_new_tokens=params.max_tokens, stop_token_ids=self.stop_ids,
-                              tree_budget=speculation.tree_budget, min_budget=min(4, speculation.tree_budget),
+                              tree_budget=speculation.tree_budget,
                               verify=VerifyConfig(sampling=sampling, eta=speculation.eta))
         engine = SpeculativeEngine(self.runner, config)
         drafters = self._drafters(request, params.max_tokens, sampling)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rapid.budget import BudgetPolicy, TreeBudget
 from rapid.cache import KVCache
 from rapid.drafters import Drafter
 from rapid.metrics import SpecStats
@@ -32,8 +33,8 @@ class EngineConfig:
     stop_token_ids: tuple[int, ...] = ()
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     tree_budget: int = 16  # drafted nodes per step, at most
-    min_budget: int = 4  # the adaptive budget never goes below this
-    adaptive_budget: bool = True  # size the next tree from the acceptance seen so far
+    min_budget: int = 1  # the adaptive budget never goes below this
+    budget_policy: BudgetPolicy = "cost"  # how the next tree is sized (rapid.budget)
     prune_threshold: float = 0.0  # RASD: drop retrieval nodes the drafter finds less likely than this
 
     def __post_init__(self) -> None:
@@ -59,7 +60,6 @@ class SpeculativeEngine:
     def __init__(self, runner: ModelRunner, config: EngineConfig):
         self.runner = runner
         self.config = config
-        self._accepted_ema = 1.0
 
     def generate(self, cache: KVCache, prompt_ids: list[int], drafters: list[Drafter],
                  stats: SpecStats | None = None, cancel: threading.Event | None = None) -> Iterator[list[int]]:
@@ -79,32 +79,31 @@ class SpeculativeEngine:
             logits = self.runner.prefill(cache, prompt_ids)
             for drafter in drafters:
                 drafter.start(cache)
+        policy = config.budget_policy
+        if policy == "cost" and not sampling.greedy and sampling.seed is not None:
+            policy = "acceptance"  # timing-sized trees would make a seeded sample depend on the machine's load
+        budget = TreeBudget(policy, config.min_budget, config.tree_budget)
         start = time.perf_counter()
         new_tokens = self._emit([next_token(logits, sampling, gen)], 0)
         emitted = len(new_tokens)
         stats.num_emitted_tokens += emitted
         yield new_tokens
         while not self._finished(new_tokens, emitted) and not (cancel is not None and cancel.is_set()):
-            tree = self._draft(drafters, new_tokens, stats)
+            step_start = time.perf_counter()
+            tree = self._draft(drafters, new_tokens, stats, budget.next())
             logits = self._verify(cache, tree, stats)
             acceptance = accept(tree, logits, config.verify, gen)
             self._commit(cache, acceptance, stats)
+            budget.observe(tree.num_drafted(), max(tree.depths()), acceptance.num_accepted,
+                           time.perf_counter() - step_start)
             new_tokens = self._emit([tree.tokens[i] for i in acceptance.path[1:]] + [acceptance.bonus], emitted)
             stats.record_step(tree.num_drafted(), acceptance.num_accepted)
-            self._accepted_ema = 0.7 * self._accepted_ema + 0.3 * acceptance.num_accepted
             emitted += len(new_tokens)
             stats.num_emitted_tokens += len(new_tokens)
             stats.decode_seconds = time.perf_counter() - start
             yield new_tokens
 
-    def _budget(self) -> int:
-        config = self.config
-        if not config.adaptive_budget:
-            return config.tree_budget
-        return max(config.min_budget, min(config.tree_budget, round(4 * (self._accepted_ema + 1))))
-
-    def _draft(self, drafters: list[Drafter], new_tokens: list[int], stats: SpecStats) -> TokenTree:
-        budget = self._budget()
+    def _draft(self, drafters: list[Drafter], new_tokens: list[int], stats: SpecStats, budget: int) -> TokenTree:
         trees, distributions = [], {}
         for drafter in drafters:
             with _timed(stats, drafter.kind):
