@@ -67,6 +67,7 @@ from api.stops import StopMatcher
 from api.storage import TEXT_FILE, publish_dir
 from kvcache.selection import SelectionRule
 from kvcache.store import CacheError, CacheKey, ClusteredCache, PrefillCheckpoints, load_cache, save_cache
+from rapid.budget import BudgetPolicy
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
 from rapid.drafters.model import DraftConfig, DrafterKV, SharedRows, layer_skip_view
@@ -109,6 +110,7 @@ class SpeculationConfig:
     drafter: DrafterName = "self"
     fuse_retrieval: bool = True  # add the datastore's retrieval tree to a model drafter's tree
     tree_budget: int = 16
+    budget_policy: BudgetPolicy = "cost"  # how each step's tree is sized (rapid.budget)
     layer_skip_layers: int = 8
     eta: float = 0.0  # RAPID retrieval-augmented target: > 0 moves sampled answers toward the drafter
     draft: DraftConfig = field(default_factory=DraftConfig)
@@ -212,7 +214,7 @@ class LocalBackend:
         rag = RagContextConfig(min_tokens=settings.rag_min_tokens, max_tokens=max(1, context * 3 // 4),
                                similarity_threshold=settings.rag_similarity_threshold)
         speculation = SpeculationConfig(drafter=settings.drafter, fuse_retrieval=settings.fuse_retrieval,
-                                        tree_budget=settings.tree_budget,
+                                        tree_budget=settings.tree_budget, budget_policy=settings.budget_policy,
                                         layer_skip_layers=settings.layer_skip_layers, eta=settings.eta)
         squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule,
                                 dense_layers=settings.squeeze_dense_layers)
@@ -506,7 +508,7 @@ class LocalBackend:
         sampling = SamplingConfig(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                   seed=params.seed)
         config = EngineConfig(max_new_tokens=params.max_tokens, stop_token_ids=self.stop_ids,
-                              tree_budget=speculation.tree_budget,
+                              tree_budget=speculation.tree_budget, budget_policy=speculation.budget_policy,
                               verify=VerifyConfig(sampling=sampling, eta=speculation.eta))
         engine = SpeculativeEngine(self.runner, config)
         drafters = self._drafters(request, params.max_tokens, sampling)

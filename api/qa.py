@@ -22,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from rapid.budget import BudgetPolicy
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
 from rapid.drafters.model import DraftConfig, DrafterKV, SharedRows, layer_skip_view
@@ -54,6 +55,7 @@ class QAConfig:
     draft: DraftConfig = field(default_factory=DraftConfig)
     drafter_kv: DrafterKV = "copy"
     tree_budget: int = 16
+    budget_policy: BudgetPolicy = "cost"  # how each step's tree is sized (rapid.budget)
     prune_threshold: float = 0.0
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     rag: RagContextConfig = field(default_factory=RagContextConfig)
@@ -199,6 +201,7 @@ class DocumentQA:
             question_ids = self.prompt.head_ids + rag.token_ids.tolist() + question_ids
         engine_config = EngineConfig(
             max_new_tokens=options.max_new_tokens, stop_token_ids=self.stop_ids, tree_budget=config.tree_budget,
+            budget_policy=config.budget_policy,
             prune_threshold=config.prune_threshold,
             verify=VerifyConfig(sampling=options.sampling, eta=options.eta))
         stats = SpecStats(retrieval_seconds=retrieval_seconds)

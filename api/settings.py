@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         "'none' = plain decoding")
     fuse_retrieval: bool = Field(default=True, description="fuse the retrieval tree into a model drafter's tree")
     tree_budget: int = Field(default=16, ge=1, description="drafted tokens verified per target forward, at most")
+    budget_policy: Literal["fixed", "acceptance", "cost"] = Field(
+        default="cost", description="how each step's tree is sized: 'cost' = the size with the most expected "
+        "tokens per second from measured step times and acceptance, 'acceptance' = from acceptance alone, "
+        "'fixed' = always tree_budget")
     layer_skip_layers: int = Field(default=8, ge=1, description="decoder layers of the 'layer-skip' drafter")
     eta: float = Field(default=0.0, ge=0.0, description="RAPID retrieval-augmented target when sampling: > 0 "
                        "moves sampled answers toward the RAG drafter ON PURPOSE (the output distribution is "

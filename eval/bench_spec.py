@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "outputs can drift apart after some tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tree-budget", type=int, default=16)
+    parser.add_argument("--budget-policies", nargs="+", default=["cost"], choices=["fixed", "acceptance", "cost"],
+                        help="how each step's tree is sized (rapid.budget); each of our methods runs once per policy, "
+                             "named METHOD@POLICY when more than one is given")
     parser.add_argument("--layer-skip-layers", type=int, default=8)
     parser.add_argument("--title", default="Hamlet")
     parser.add_argument("--skip-hf", action="store_true", help="only our methods")
@@ -123,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         document = ar_qa.ingest(document_text(lm.tokenizer, context, args.title))
         ingest_seconds = time.perf_counter() - start
-        qas = {name: DocumentQA(lm, embedder, QAConfig(**base, **kw)) for name, kw in OUR_METHODS.items()
-               if name in wanted}
+        qas = {name if len(args.budget_policies) == 1 else f"{name}@{policy}":
+               DocumentQA(lm, embedder, QAConfig(**base, **kw, budget_policy=policy))
+               for name, kw in OUR_METHODS.items() if name in wanted for policy in args.budget_policies}
         stop = list(ar_qa.stop_ids)
         lm.model.config._attn_implementation = "sdpa"
         hf_cache = None if not hf_methods else hf_prefill(lm.model, ar_qa.prompt.head_ids + document.token_ids.tolist(),
