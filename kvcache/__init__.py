@@ -7,6 +7,7 @@ selection    ThresholdRule, TopBudgetRule, SelectionRule, select_clusters, clust
              hierarchical_log_weights, top_budget, padded_ranges   which clusters a query reads
 calibration  Thresholds, calibrate_thresholds, selected_fraction, weighted_quantiles
                                                              thresholds for named KV budgets
+gqa          grouped_sdpa, fold_queries, fold_mask           SDPA with a KV head's query heads as its rows
 squeezed     squeezed_attention, full_document_attention, dense_attention, SqueezeStats
                                                              attention over selected clusters (or all) + tail
 store        CacheKey, ClusteredCache, save_cache, load_cache, CacheError, CacheMismatchError,
