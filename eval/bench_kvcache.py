@@ -99,7 +99,8 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
 
 @torch.inference_mode()
 def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
-                    settings: list[tuple[float, int]], new_tokens: int = 16) -> dict[str, float]:
+                    settings: list[tuple[float, int]], rule: str = "threshold",
+                    new_tokens: int = 16) -> dict[str, float]:
     """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears (any case).
 
     settings: (budget, dense layers) pairs -> {"dense": accuracy, (budget, dense layers): accuracy, ...}.
@@ -118,7 +119,7 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
             if mode == "dense":
                 cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
             else:
-                view = document.with_budget(mode[0], dense_layers=mode[1])
+                view = document.with_budget(mode[0], rule, dense_layers=mode[1])
                 cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="MODEL:CONTEXT pairs; MODEL/L keeps the model's first L layers")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
-                        help="one row per value (each must be a calibrated budget: 0.05, 0.1, 0.2)")
+                        help="one row per value: a calibrated key budget (0.05, 0.1, 0.2) for --rule threshold, "
+                             "any fraction of the keys for top")
+    parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
@@ -170,15 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
                "clusters_per_layer": document.clustered.layers[0].num_clusters}
-        with torch.inference_mode():
-            common |= {f"attention_{k}": v for k, v in attention_latency(document, middle, decode_query,
-                                                                          repeats=20).items()}
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
-            needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings)
+            needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)
         for budget, dense_layers in settings:
-            row = common | {"budget": budget, "dense_layers": dense_layers}
-            view = document.with_budget(budget, dense_layers=dense_layers)
+            row = common | {"rule": args.rule, "budget": budget, "dense_layers": dense_layers}
+            view = document.with_budget(budget, args.rule, dense_layers=dense_layers)
+            with torch.inference_mode():
+                row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 20).items()}
             row |= decode_comparison(runner, view, logits, args.steps)
             if needles:
                 row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[(budget, dense_layers)]}
