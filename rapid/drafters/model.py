@@ -7,8 +7,9 @@ with a smaller model sharing the tokenizer it is classic draft-model speculation
 Tree growth, one drafter forward per level: the root's distribution comes from feeding the newly
 committed tokens; each level expands the `width` most probable open nodes into their `branch` most
 probable children (greedy and deterministic) or into one sampled child (sampling, so the verifier can
-use the true draft distribution). Growth stops at `max_depth`, at the node budget, or when the best
-open path's probability falls below `min_path_prob` (SpecDec++: stop once a rejection is likely).
+use the true draft distribution). Growth stops at `max_depth`, at the node budget (the last level
+is not run through the drafter), or when the best open path's probability falls below
+`min_path_prob` (SpecDec++: stop once a rejection is likely).
 The draft nodes' KV is dropped after proposing; the next call re-feeds what the target accepted.
 
 A drafter on the target's own weights (self-speculation, layer-skip) need not prefill its context at
@@ -111,8 +112,8 @@ class ModelDrafter:
         while frontier and len(tree) - 1 < budget:
             depth += 1
             children = self._grow(tree, frontier, paths, budget)
-            if not children or depth >= self.config.max_depth:
-                break
+            if not children or depth >= self.config.max_depth or len(tree) - 1 >= budget:
+                break  # a full tree's leaves are not run: their distributions would only prune retrieval nodes
             best = sorted(children, key=lambda i: -tree.scores[i])[: self.config.width]
             best = [i for i in best if tree.scores[i] >= self.config.min_path_prob]
             if not best:
