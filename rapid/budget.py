@@ -52,6 +52,14 @@ class _Line:
 
 
 class TreeBudget:
+    @classmethod
+    def for_request(cls, policy: BudgetPolicy, min_budget: int, max_budget: int, seeded_sampling: bool) -> TreeBudget:
+        """A seeded sampling request sizes its trees from acceptance alone: trees sized from timings would
+        make the same seed give different samples on a busier machine."""
+        if policy == "cost" and seeded_sampling:
+            policy = "acceptance"
+        return cls(policy, min_budget, max_budget)
+
     def __init__(self, policy: BudgetPolicy, min_budget: int, max_budget: int, decay: float = 0.9):
         if not 1 <= min_budget <= max_budget:
             raise ValueError(f"need 1 <= min_budget <= max_budget, got {min_budget}, {max_budget}")

@@ -79,10 +79,8 @@ class SpeculativeEngine:
             logits = self.runner.prefill(cache, prompt_ids)
             for drafter in drafters:
                 drafter.start(cache)
-        policy = config.budget_policy
-        if policy == "cost" and not sampling.greedy and sampling.seed is not None:
-            policy = "acceptance"  # timing-sized trees would make a seeded sample depend on the machine's load
-        budget = TreeBudget(policy, config.min_budget, config.tree_budget)
+        budget = TreeBudget.for_request(config.budget_policy, config.min_budget, config.tree_budget,
+                                        seeded_sampling=not sampling.greedy and sampling.seed is not None)
         start = time.perf_counter()
         new_tokens = self._emit([next_token(logits, sampling, gen)], 0)
         emitted = len(new_tokens)

@@ -39,3 +39,9 @@ def test_fixed_and_bounds():
     assert 3 <= observed("cost", [(0, 0, 0, 1.0), (8, 8, 0, 9.0)], low=3, high=5).next() <= 5
     with pytest.raises(ValueError):
         TreeBudget("cost", 0, 4)
+
+
+def test_seeded_sampling_never_sizes_trees_from_timings():
+    assert TreeBudget.for_request("cost", 1, 8, seeded_sampling=True).policy == "acceptance"
+    assert TreeBudget.for_request("cost", 1, 8, seeded_sampling=False).policy == "cost"
+    assert TreeBudget.for_request("fixed", 1, 8, seeded_sampling=True).policy == "fixed"
