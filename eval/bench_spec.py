@@ -28,12 +28,14 @@ import copy
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from api.qa import AskOptions, DocumentQA, QAConfig
 from eval.bench_decode import TokenClock, native_context, yarn_for
 from rapid.generate import GenerationConfig, GenerationStats, generate
+from rapid.metrics import SpecStats
 from rapid.models import ModelSpec, load_model
 from retrieval.embedding import Embedder
 from retrieval.texts import shakespeare_works
@@ -52,6 +54,33 @@ OUR_METHODS = {
     "spec-layer-skip+retrieval": dict(drafter="layer-skip", fuse_retrieval=True),
 }
 HF_METHODS = ("hf-generate", "hf-early-exit", "hf-lookup")
+
+
+@dataclass
+class Run:
+    """One method answering one question: its tokens, end-to-end seconds and decode-only rate; for our
+    engine also the mean acceptance length and the shares of decode time spent drafting (model drafter)
+    and verifying."""
+
+    tokens: list[int]
+    seconds: float
+    decode_rate: float
+    mal: float = float("nan")
+    draft_share: float = float("nan")
+    verify_share: float = float("nan")
+    identical: bool = True
+
+    @classmethod
+    def of_answer(cls, tokens: list[int], seconds: float, stats: SpecStats) -> Run:
+        decode = stats.decode_seconds
+        if not decode:
+            return cls(tokens, seconds, float("nan"), stats.mean_acceptance_length)
+        return cls(tokens, seconds, (len(tokens) - 1) / decode, stats.mean_acceptance_length,
+                   stats.draft_seconds / decode, stats.verify_seconds / decode)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds
 
 
 def document_text(tokenizer, num_tokens: int, title: str) -> str:
@@ -134,11 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         hf_cache = None if not hf_methods else hf_prefill(lm.model, ar_qa.prompt.head_ids + document.token_ids.tolist(),
                                                         1024)
         lm.model.config._attn_implementation = "rapid"
-        times: dict[str, list[float]] = {}
-        lengths: dict[str, list[float]] = {}
-        identical: dict[str, bool] = {}
-        tokens: dict[str, int] = {}
-        rates: dict[str, list[float]] = {}
+        runs: dict[str, list[Run]] = {}
         for question in QUESTIONS[: args.questions]:
             question_ids = ar_qa.prompt.question_ids(question)
             gen_config = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=tuple(stop))
@@ -147,48 +172,49 @@ def main(argv: list[str] | None = None) -> dict:
             reference = list(generate(ar_qa.runner, question_ids, gen_config, ar_stats, cache=document.cache))
             elapsed = time.perf_counter() - start
             document.cache.truncate(document.prefix_len)
-            results = {"ar": (reference, elapsed, 1.0, (len(reference) - 1) / ar_stats.decode_seconds)}
+            results = {"ar": Run(reference, elapsed, (len(reference) - 1) / ar_stats.decode_seconds)}
             for name, qa in qas.items():
                 start = time.perf_counter()
                 answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
                 out = [t for chunk in answer.tokens for t in chunk]
-                stats = answer.stats
-                results[name] = (out, time.perf_counter() - start, stats.mean_acceptance_length,
-                                 (len(out) - 1) / stats.decode_seconds if stats.decode_seconds else float("nan"))
+                results[name] = Run.of_answer(out, time.perf_counter() - start, answer.stats)
             if hf_cache is not None:
                 lm.model.config._attn_implementation = "sdpa"
                 full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
                 for name in hf_methods:
                     out, seconds, rate = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
                                                    args.layer_skip_layers)
-                    results[name] = (out, seconds, float("nan"), rate)
+                    results[name] = Run(out, seconds, rate)
                 lm.model.config._attn_implementation = "rapid"
-            for name, (out, seconds, mal, rate) in results.items():
-                times.setdefault(name, []).append(len(out) / seconds)
-                rates.setdefault(name, []).append(rate)
-                lengths.setdefault(name, []).append(mal)
-                identical[name] = identical.get(name, True) and out == reference
-                tokens[name] = tokens.get(name, 0) + len(out)
+            for name, run in results.items():
+                run.identical = run.tokens == reference
+                runs.setdefault(name, []).append(run)
             print(f"  {context} tokens | {question[:40]!r}: " + ", ".join(
-                f"{n} {len(o) / s:.1f} tok/s" for n, (o, s, _, _) in results.items()), flush=True)
-        ar_speed, ar_rate = statistics.median(times["ar"]), statistics.median(rates["ar"])
-        assisted = {name: statistics.median(times[name]) for name in ("hf-early-exit", "hf-lookup") if name in times}
-        for name in times:
-            speed = statistics.median(times[name])
-            rate = statistics.median(rates[name])
+                f"{n} {run.tokens_per_s:.1f} tok/s" for n, run in results.items()), flush=True)
+        ar_speed = statistics.median(run.tokens_per_s for run in runs["ar"])
+        ar_rate = statistics.median(run.decode_rate for run in runs["ar"])
+        assisted = {name: statistics.median(run.tokens_per_s for run in runs[name])
+                    for name in ("hf-early-exit", "hf-lookup") if name in runs}
+        for name, method_runs in runs.items():
+            speed = statistics.median(run.tokens_per_s for run in method_runs)
+            rate = statistics.median(run.decode_rate for run in method_runs)
+            ours = name.startswith("spec")
             row = {"context": context, "method": name, "tokens_per_s": round(speed, 3),
                    "speedup_vs_ar": round(speed / ar_speed, 3),
                    "decode_tokens_per_s": round(rate, 3), "decode_speedup_vs_ar": round(rate / ar_rate, 3),
-                   **{f"speedup_vs_{name.replace('-', '_')}": round(speed / other, 3)
-                      for name, other in assisted.items()},
-                   "mean_acceptance_length": round(statistics.median(lengths[name]), 3)
-                   if name.startswith("spec") else None,
-                   "identical_to_ar": identical[name], "new_tokens": tokens[name],
+                   **{f"speedup_vs_{other.replace('-', '_')}": round(speed / other_speed, 3)
+                      for other, other_speed in assisted.items()},
+                   "mean_acceptance_length": round(statistics.median(r.mal for r in method_runs), 3) if ours else None,
+                   "draft_share": round(statistics.median(r.draft_share for r in method_runs), 3) if ours else None,
+                   "verify_share": round(statistics.median(r.verify_share for r in method_runs), 3) if ours else None,
+                   "identical_to_ar": all(run.identical for run in method_runs),
+                   "new_tokens": sum(len(run.tokens) for run in method_runs),
                    "rope_scaling": scaling.kind if scaling else None, "ingest_seconds": round(ingest_seconds, 1)}
             rows.append(row)
             print(f"{context:6d} {name:26} {speed:7.2f} tok/s  x{row['speedup_vs_ar']:.2f} vs ar  "
                   f"(decode only {rate:6.2f} tok/s, x{row['decode_speedup_vs_ar']:.2f})  "
-                  f"MAL {row['mean_acceptance_length']}  identical={row['identical_to_ar']}", flush=True)
+                  f"MAL {row['mean_acceptance_length']}  draft/verify share {row['draft_share']}/"
+                  f"{row['verify_share']}  identical={row['identical_to_ar']}", flush=True)
         del document, hf_cache
     result = {"benchmark": "spec", "settings": vars(args), "rows": rows}
     print(json.dumps(result))

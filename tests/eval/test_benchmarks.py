@@ -20,6 +20,13 @@ def test_bench_spec_checks_every_method_against_ar():
     rows = {row["method"]: row for row in result["rows"]}
     assert set(rows) == {"ar", *methods}
     assert all(row["identical_to_ar"] for row in rows.values())  # fp32 greedy: every method is the target
+    assert 0 < rows["spec-self"]["draft_share"] < 1 and 0 < rows["spec-self"]["verify_share"] < 1
+
+
+def test_bench_spec_names_methods_per_budget_policy():
+    result = bench_spec.main(["--model", "tiny", "--contexts", "600", "--questions", "1", "--new-tokens", "4",
+                              "--methods", "spec-retrieval", "--budget-policies", "fixed", "cost"])
+    assert {row["method"] for row in result["rows"]} == {"ar", "spec-retrieval@fixed", "spec-retrieval@cost"}
 
 
 def test_bench_tree_times_every_node_count():
