@@ -29,6 +29,16 @@ def test_bf16(tiny, tmp_path):
     assert lm.model.dtype == torch.bfloat16
 
 
+def test_bf16_keeps_rope_frequencies_in_fp32():
+    fp32 = load_model(ModelSpec("tiny")).model
+    bf16 = load_model(ModelSpec("tiny", dtype="bfloat16")).model
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    frequencies = dict(fp32.named_buffers())
+    for name, buffer in bf16.named_buffers():
+        if name.endswith("inv_freq"):
+            assert buffer.dtype == torch.float32 and torch.equal(buffer, frequencies[name])
+
+
 def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no model at"):
         load_model(ModelSpec(str(tmp_path / "missing")))
