@@ -31,7 +31,7 @@ from torch import Tensor
 from kvcache.calibration import Thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, CoarseLevel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keys of bf16/fp16 models rotated with fp32 RoPE frequencies (1 rounded them)
 
 _LAYER_FIELDS = ("keys", "values", "centroids", "sizes", "offsets", "permutation")
 _COARSE_FIELDS = ("centroids", "sizes", "offsets")
