@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
+from kvcache.gqa import FOLD_MAX_QUERIES, fold_mask, fold_queries, grouped_sdpa
 
 
 def test_fold_puts_each_groups_heads_in_its_rows():
@@ -15,13 +15,14 @@ def test_fold_puts_each_groups_heads_in_its_rows():
     assert fold_mask(None, 3) is None
 
 
+@pytest.mark.parametrize("num_queries", [5, FOLD_MAX_QUERIES + 1])  # folded, and a prefill-sized block
 @pytest.mark.parametrize("mask_heads", [0, 1, 2])  # no mask, one mask for all heads, one per kv head
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_sdpa_equals_enable_gqa(mask_heads, dtype):
+def test_grouped_sdpa_equals_enable_gqa(num_queries, mask_heads, dtype):
     torch.manual_seed(0)
-    query = torch.randn(1, 6, 5, 16, dtype=dtype)
+    query = torch.randn(1, 6, num_queries, 16, dtype=dtype)
     key, value = torch.randn(2, 1, 2, 40, 16, dtype=dtype)
-    mask = None if mask_heads == 0 else torch.rand(1, mask_heads, 5, 40) > 0.3
+    mask = None if mask_heads == 0 else torch.rand(1, mask_heads, num_queries, 40) > 0.3
     if mask is not None:
         mask[..., 0] = True  # every query sees something
     expected_mask = None if mask is None else mask.repeat_interleave(6 // mask_heads, dim=1)
