@@ -78,11 +78,11 @@ class TreeBudget:
             return self._clamp(round(4 * (self.accepted_ema + 1)))
         base, per_node = fit
         p = (self.successes + 1) / (self.successes + self.failures + 2)
-        best, best_rate, expected = self.min_budget, -1.0, 1.0 + sum(p**k for k in range(1, self.min_budget))
-        for budget in range(self.min_budget, self.max_budget + 1):
-            expected += p**budget
+        best, best_rate, expected = self.min_budget, -1.0, 1.0
+        for budget in range(1, self.max_budget + 1):
+            expected += p**budget  # 1 + p + ... + p^budget
             rate = expected / max(base + per_node * budget, 1e-9)
-            if rate > best_rate:
+            if budget >= self.min_budget and rate > best_rate:
                 best, best_rate = budget, rate
         return best
 
