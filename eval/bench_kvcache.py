@@ -3,7 +3,7 @@
 For each (model, context): one dense prefill of a public-domain text, clustering + calibration of its
 keys (timed against the prefill), then in one process:
   - attention-only latency of one layer (our dense SDPA over every key vs squeezed_attention over the
-    clusters);
+    clusters; with the native kernel, also that kernel over every key, to show its per-key cost);
   - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
     steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement and max
     logit difference per step;
@@ -27,6 +27,7 @@ import time
 import torch
 
 from eval.bench_decode import native_context, yarn_for
+from kvcache import native
 from kvcache.gqa import grouped_sdpa
 from kvcache.squeezed import SqueezeStats, squeezed_attention
 from rapid.drafters.model import layer_skip_view
@@ -70,7 +71,16 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
     dense = median_time(lambda: grouped_sdpa(query, keys, values, None, scaling), repeats)
     squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
                                                       scaling, always_read=document.always_read[layer_idx]), repeats)
-    return {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed}
+    times = {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed,
+             "path": "native" if native.supports(layer.keys, query.shape[1] // layer.keys.shape[0]) else "gathered"}
+    if times["path"] == "native":  # the kernel over every key: what it costs per key against SDPA's dense pass
+        num_kv_heads, num_tokens, _ = layer.keys.shape
+        folded = query[0].float().reshape(num_kv_heads, -1, query.shape[-1]) * scaling
+        whole = (torch.zeros(num_kv_heads, dtype=torch.int64), torch.full((num_kv_heads,), num_tokens),
+                 torch.arange(num_kv_heads + 1))
+        every_key = median_time(lambda: native.range_attention(folded, layer.keys, layer.values, *whole, None), repeats)
+        times["native_every_key_ms"] = every_key * 1e3
+    return times
 
 
 @torch.inference_mode()

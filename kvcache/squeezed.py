@@ -1,10 +1,14 @@
 """Squeezed attention: exact attention over the selected document clusters plus the dense tail.
 
 One function serves decode (N=1) and tree verification (N>1). The document part reads only the
-keys of the clusters the queries selected (contiguous slices of the cluster-ordered cache), copied
-into one buffer followed by the tail (question, generated tokens, tree nodes); one SDPA call attends
-over it under one mask (each query's own clusters, the tail's tree mask), accumulating in fp32 inside
-the kernel. Scoring the centroids is fp32.
+keys of the clusters the queries selected (contiguous slices of the cluster-ordered cache), each query
+only its own clusters. Two paths compute it exactly:
+  - native (CPU, bf16 or fp32 caches, kvcache.native): a C kernel reads the selected slices in place
+    with an fp32 online softmax; SDPA attends over the tail (question, generated tokens, tree nodes,
+    under the tree mask); the two parts merge by their log-sum-exp;
+  - gathered (anywhere else, or without a C compiler): the selected rows are copied into one buffer
+    followed by the tail, and one SDPA call attends over it under one mask.
+Scoring the centroids is fp32.
 
 Shapes: B batch (1), H query heads, Hkv kv heads, G = H / Hkv, N queries, T document tokens,
 S tail tokens, M gathered document keys per kv head, C clusters, D head dim.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvcache import native
 from kvcache.clustering import ClusteredLayer
 from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
 from kvcache.selection import SelectionRule, padded_ranges, select_clusters
@@ -79,7 +84,55 @@ def squeezed_attention(
     selected = select_clusters(q, doc, rule, scaling)  # [Hkv, N, C]
     if always_read is not None:
         selected = selected | always_read[:, None, :]
-    indices, valid = padded_ranges(doc.offsets, selected.any(dim=1))  # [Hkv, M]
+    union = selected.any(dim=1)  # [Hkv, C], the clusters read
+    if native.supports(doc.keys, group * num_queries):
+        out = _ranges_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+    else:
+        out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+
+    if stats is not None:
+        selected_keys = int((selected * doc.sizes[:, None, :]).sum())
+        stats.add(num_kv_heads * doc.num_tokens, num_queries, int((union * doc.sizes).sum()), selected_keys)
+    return out
+
+
+def _ranges_attention(
+    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float,
+) -> Tensor:  # fmt: skip
+    """The native path: the kernel reads the selected clusters in place, SDPA the tail, merged by log-sum-exp.
+
+    Each query row reads only its own clusters (a row mask per range when N > 1).
+    """
+    _, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads = doc.keys.shape[0]
+    group = num_heads // num_kv_heads
+    heads, clusters = union.nonzero(as_tuple=True)  # head-major, so each head's ranges are consecutive
+    range_offsets = torch.zeros(num_kv_heads + 1, dtype=torch.int64)
+    range_offsets[1:] = torch.bincount(heads, minlength=num_kv_heads).cumsum(0)
+    row_mask = None if num_queries == 1 else selected[heads, :, clusters].repeat(1, group)  # [Q, G*N]
+    folded = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim) * scaling
+    doc_out, doc_lse = native.range_attention(
+        folded, doc.keys, doc.values, doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets,
+        row_mask,
+    )  # fmt: skip
+    rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
+    mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]
+    tail_out, tail_lse = _attention_with_lse(rows, tail_keys.to(rows.dtype), tail_values.to(rows.dtype), mask, scaling)
+    out = _merge(doc_out[None], doc_lse[None], tail_out, tail_lse)
+    return out.reshape(query.shape).to(query.dtype)
+
+
+def _gathered_attention(
+    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float,
+) -> Tensor:  # fmt: skip
+    """The torch path: the selected clusters' rows copied into one buffer with the tail, one SDPA call."""
+    num_queries = query.shape[2]
+    num_kv_heads = doc.keys.shape[0]
+    group = query.shape[1] // num_kv_heads
+    head_dim = query.shape[3]
+    indices, valid = padded_ranges(doc.offsets, union)  # [Hkv, M]
     keys, values = _gather_with_tail(doc, indices, tail_keys[0], tail_values[0])  # [Hkv, M+S, D]
 
     mask = None  # [1, H, N, M+S] bool, None when every query sees every gathered key
@@ -104,10 +157,6 @@ def squeezed_attention(
             out = out.view(query.shape)
     elif not keys.shape[1]:
         out = torch.zeros_like(query)
-
-    if stats is not None:
-        selected_keys = int((selected * doc.sizes[:, None, :]).sum())
-        stats.add(num_kv_heads * doc.num_tokens, num_queries, int(valid.sum()), selected_keys)
     return out
 
 
@@ -191,15 +240,19 @@ def full_document_attention(
     tail_out, tail_lse = _attention_with_lse(
         folded, tail_keys.to(folded.dtype), tail_values.to(folded.dtype), mask, scaling
     )
-    lse = torch.logaddexp(doc_lse, tail_lse)
-    lse = lse.masked_fill(lse == -math.inf, 0.0)  # a query that sees nothing gets zeros, not NaN
-    out = (
-        torch.exp(doc_lse - lse)[..., None] * doc_out.float() + torch.exp(tail_lse - lse)[..., None] * tail_out.float()
-    )
+    out = _merge(doc_out, doc_lse, tail_out, tail_lse)
     if stats is not None:
         doc_keys = num_kv_heads * doc.num_tokens
         stats.add(doc_keys, num_queries, doc_keys, doc_keys * num_queries)
     return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
+
+
+def _merge(doc_out: Tensor, doc_lse: Tensor, tail_out: Tensor, tail_lse: Tensor) -> Tensor:
+    """Two softmax parts [1, Hkv, R, D] with their log-sum-exps [1, Hkv, R] -> their joint softmax, fp32."""
+    lse = torch.logaddexp(doc_lse, tail_lse)
+    lse = lse.masked_fill(lse == -math.inf, 0.0)  # a query that sees nothing gets zeros, not NaN
+    doc_weight, tail_weight = torch.exp(doc_lse - lse)[..., None], torch.exp(tail_lse - lse)[..., None]
+    return doc_weight * doc_out.float() + tail_weight * tail_out.float()
 
 
 def _attention_with_lse(

@@ -4,6 +4,7 @@ import pytest
 import torch
 from kv_synthetic import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALING, ancestor_mask, planted_keys, random_tree_mask
 
+from kvcache import native
 from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments
 from kvcache.selection import ThresholdRule, TopBudgetRule
 from kvcache.squeezed import SqueezeStats, dense_attention, full_document_attention, squeezed_attention
@@ -14,6 +15,16 @@ EVERY_CLUSTER = (
     ThresholdRule(torch.full((NUM_KV_HEADS,), -math.inf)),
     TopBudgetRule(1.0, expand_fraction=1.0),
 )
+
+
+@pytest.fixture(autouse=True, params=["native", "gathered"])
+def path(request, monkeypatch):
+    """Every test runs on both squeezed-attention paths: the C kernel and the torch gather."""
+    if request.param == "native" and native.load() is None:
+        pytest.skip("no C compiler here for the native kernel")
+    if request.param == "gathered":
+        monkeypatch.setattr(native, "supports", lambda keys, rows: False)
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,127 @@
+/* Attention of a few query rows over ranges of a stored K/V cache, read in place.
+ *
+ * Squeezed attention reads the selected clusters of a cluster-ordered cache: a list of contiguous key
+ * ranges per kv head. Gathering them into one buffer for SDPA reads the selected rows, writes a copy and
+ * reads the copy again; this kernel streams each range once, in blocks of BLOCK keys, with an online
+ * (flash) softmax in fp32, and returns each row's output and log-sum-exp so the caller merges the
+ * document part with the tail's.
+ *
+ * Shapes: Hkv kv heads, R query rows per kv head (the G query heads of the group times N queries),
+ * T stored tokens, D head dim, Q ranges in all.
+ *   query       [Hkv, R, D] fp32, already multiplied by the softmax scaling
+ *   keys/values [Hkv, T, D] bf16 (as uint16) or fp32, contiguous
+ *   starts/ends [Q] int64, ranges of head h at range_offsets[h] .. range_offsets[h+1]
+ *   row_mask    [Q, R] uint8 (1 = the row reads this range) or NULL (every row reads every range)
+ *   out         [Hkv, R, D] fp32, the softmax-weighted values (0 for a row that read nothing)
+ *   lse         [Hkv, R] fp32, log-sum-exp of the row's scaled logits (EMPTY_LSE for a row that read nothing)
+ *
+ * Built with -ffast-math, so nothing here may produce an infinity: "minus infinity" is NEG_BIG.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 64
+#define MAX_DIM 256
+#define MAX_ROWS 512
+#define NEG_BIG (-1e30f)
+#define EMPTY_LSE (-1e30f)
+
+static void bf16_to_f32(const uint16_t *src, float *dst, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t bits = (uint32_t)src[i] << 16;
+        float value;
+        memcpy(&value, &bits, sizeof value);
+        dst[i] = value;
+    }
+}
+
+/* One block of n keys: update every active row's running max, sum and weighted value sum. */
+static void attend_block(const float *query, const uint8_t *active, int64_t rows, int64_t dim, const float *keys,
+                         const float *values, int64_t n, float *row_max, float *row_sum, float *acc) {
+    float probs[BLOCK];
+    for (int64_t r = 0; r < rows; r++) {
+        if (active && !active[r]) continue;
+        const float *q = query + r * dim;
+        float block_max = row_max[r];
+        for (int64_t j = 0; j < n; j++) {
+            const float *k = keys + j * dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; d++) dot += q[d] * k[d];
+            probs[j] = dot;
+            block_max = dot > block_max ? dot : block_max;
+        }
+        float *a = acc + r * dim;
+        if (block_max > row_max[r]) {
+            float scale = expf(row_max[r] - block_max);
+            row_sum[r] *= scale;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) a[d] *= scale;
+            row_max[r] = block_max;
+        }
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            probs[j] = expf(probs[j] - block_max);
+            sum += probs[j];
+        }
+        row_sum[r] += sum;
+        for (int64_t j = 0; j < n; j++) {
+            const float p = probs[j];
+            const float *v = values + j * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) a[d] += p * v[d];
+        }
+    }
+}
+
+/* Returns 0, or -1 when rows or dim exceed the kernel's fixed buffers (the caller checks first). */
+int range_attention(const float *query, const void *keys, const void *values, int keys_are_bf16,
+                    const int64_t *starts, const int64_t *ends, const int64_t *range_offsets,
+                    const uint8_t *row_mask, int64_t num_kv_heads, int64_t rows, int64_t num_tokens, int64_t dim,
+                    float *out, float *lse) {
+    if (rows > MAX_ROWS || dim > MAX_DIM) return -1;
+    float key_block[BLOCK * MAX_DIM], value_block[BLOCK * MAX_DIM];
+    float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *q = query + h * rows * dim;
+        float *acc = out + h * rows * dim;
+        memset(acc, 0, sizeof(float) * rows * dim);
+        for (int64_t r = 0; r < rows; r++) {
+            row_max[r] = NEG_BIG;
+            row_sum[r] = 0.0f;
+        }
+        const int64_t head_base = h * num_tokens * dim;
+        for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
+            const uint8_t *active = row_mask ? row_mask + i * rows : NULL;
+            for (int64_t start = starts[i]; start < ends[i]; start += BLOCK) {
+                const int64_t n = ends[i] - start < BLOCK ? ends[i] - start : BLOCK;
+                const int64_t at = head_base + start * dim;
+                const float *k, *v;
+                if (keys_are_bf16) {
+                    bf16_to_f32((const uint16_t *)keys + at, key_block, n * dim);
+                    bf16_to_f32((const uint16_t *)values + at, value_block, n * dim);
+                    k = key_block;
+                    v = value_block;
+                } else {
+                    k = (const float *)keys + at;
+                    v = (const float *)values + at;
+                }
+                attend_block(q, active, rows, dim, k, v, n, row_max, row_sum, acc);
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            float *a = acc + r * dim;
+            if (row_sum[r] > 0.0f) {
+                const float inverse = 1.0f / row_sum[r];
+                for (int64_t d = 0; d < dim; d++) a[d] *= inverse;
+                lse[h * rows + r] = row_max[r] + logf(row_sum[r]);
+            } else {
+                lse[h * rows + r] = EMPTY_LSE;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,131 @@
+"""The C kernel that attends over key ranges of a stored cache in place (csrc/range_attention.c).
+
+Squeezed attention's selected clusters are contiguous ranges of the cluster-ordered cache. Copying them
+into one buffer for SDPA reads the rows, writes them and reads them again; the kernel reads each range
+once. Measured here (1 thread, bf16, 128K tokens, 3 kv heads, 10% of the keys in 1968 ranges): 2.3 ms,
+against 28 ms for SDPA over every key; over every key the kernel takes 26-28 ms, so it is no faster than
+SDPA per key read, it only reads fewer.
+
+The library is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this CPU
+(-march=native) into ~/.cache/rapid/kernels (`RAPID_KERNEL_DIR`), keyed by source, flags, compiler and
+CPU. Without a compiler, or with `RAPID_NATIVE_KERNELS=0`, `load()` returns None and callers use their
+torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "range_attention.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared")
+MAX_ROWS, MAX_DIM = 512, 256  # the kernel's fixed buffers (range_attention.c)
+EMPTY_LSE = -1e30  # the kernel's log-sum-exp for a row that read nothing (it is built without infinities)
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+_POINTER = ctypes.c_void_p
+_INT64 = ctypes.c_int64
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("RAPID_KERNEL_DIR", Path.home() / ".cache" / "rapid" / "kernels"))
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Compile SOURCE into `target` atomically, so concurrent first uses never load a half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True, capture_output=True, text=True
+        )
+        os.replace(built, target)
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be built here (logged once)."""
+    if os.environ.get("RAPID_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True).stdout
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()
+        target = kernel_dir() / f"range_attention-{key[:16]}.so"
+        if not target.exists():
+            log.info("compiling the range-attention kernel into %s", target)
+            _compile(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("native range attention unavailable, squeezed attention falls back to torch: %s", detail)
+        return None
+    library.range_attention.restype = ctypes.c_int
+    pointers, sizes = [_POINTER] * 4, [_INT64] * 4  # query keys values flag | starts ends offsets mask | sizes
+    library.range_attention.argtypes = [*pointers[:3], ctypes.c_int, *pointers, *sizes, _POINTER, _POINTER]
+    return library
+
+
+def supports(keys: Tensor, rows: int) -> bool:
+    """Whether the kernel can serve these stored keys [Hkv, T, D] for `rows` query rows per kv head."""
+    return (
+        keys.device.type == "cpu"
+        and keys.dtype in KERNEL_DTYPES
+        and keys.is_contiguous()
+        and rows <= MAX_ROWS
+        and keys.shape[-1] <= MAX_DIM
+        and load() is not None
+    )
+
+
+def range_attention(
+    query: Tensor,  # [Hkv, R, D] fp32, multiplied by the softmax scaling
+    keys: Tensor,  # [Hkv, T, D] bf16 or fp32, contiguous
+    values: Tensor,  # [Hkv, T, D], same dtype
+    starts: Tensor,  # [Q] int64
+    ends: Tensor,  # [Q] int64
+    range_offsets: Tensor,  # [Hkv+1] int64: kv head h owns ranges range_offsets[h]:range_offsets[h+1]
+    row_mask: Tensor | None,  # [Q, R] bool, True = the row reads that range; None = every row reads every range
+) -> tuple[Tensor, Tensor]:  # out [Hkv, R, D] fp32, lse [Hkv, R] fp32 (-inf and zeros for a row that read nothing)
+    """Exact softmax attention of each row over the keys of its ranges, with its log-sum-exp."""
+    library = load()
+    assert library is not None, "range_attention called without the native library; check supports() first"
+    num_kv_heads, rows, dim = query.shape
+    assert keys.shape == values.shape and keys.dtype == values.dtype and keys.is_contiguous() and values.is_contiguous()
+    assert keys.shape[0] == num_kv_heads and keys.shape[2] == dim and rows <= MAX_ROWS and dim <= MAX_DIM
+    assert range_offsets.shape == (num_kv_heads + 1,) and starts.shape == ends.shape
+    query, starts, ends, range_offsets = (t.contiguous() for t in (query.float(), starts, ends, range_offsets))
+    mask = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
+    assert mask is None or mask.shape == (starts.shape[0], rows)
+    out = torch.empty(num_kv_heads, rows, dim)
+    lse = torch.empty(num_kv_heads, rows)
+    status = library.range_attention(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16),
+        starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if mask is None else mask.data_ptr(),
+        num_kv_heads, rows, keys.shape[1], dim, out.data_ptr(), lse.data_ptr(),
+    )  # fmt: skip
+    assert status == 0, f"range_attention refused rows={rows} dim={dim}"
+    return out, lse.masked_fill_(lse <= EMPTY_LSE / 2, -math.inf)

@@ -1,0 +1,120 @@
+import logging
+import math
+import shutil
+
+import pytest
+import torch
+
+from kvcache import native
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the native kernel")
+
+NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM = 3, 300, 64
+
+
+def reference(query, keys, values, starts, ends, range_offsets, row_mask):
+    """fp32 softmax of each row over the keys of the ranges it reads -> out [Hkv, R, D], lse [Hkv, R]."""
+    num_kv_heads, rows, dim = query.shape
+    out, lse = torch.zeros(num_kv_heads, rows, dim), torch.full((num_kv_heads, rows), -math.inf)
+    for head in range(num_kv_heads):
+        for row in range(rows):
+            ranges = range(int(range_offsets[head]), int(range_offsets[head + 1]))
+            picked = [
+                torch.arange(int(starts[i]), int(ends[i]))
+                for i in ranges
+                if row_mask is None or bool(row_mask[i, row])
+            ]
+            index = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.int64)
+            if index.numel():
+                logits = keys[head, index].float() @ query[head, row]
+                lse[head, row] = torch.logsumexp(logits, 0)
+                out[head, row] = torch.softmax(logits, 0) @ values[head, index].float()
+    return out, lse
+
+
+def random_ranges(seed: int):
+    """Per head a few ranges, some empty, some longer than the kernel's 64-key block, some adjacent."""
+    generator = torch.Generator().manual_seed(seed)
+    starts, ends, counts = [], [], []
+    for _ in range(NUM_KV_HEADS):
+        cuts = torch.sort(torch.randint(0, NUM_TOKENS, (8,), generator=generator)).values.tolist()
+        pairs = [(cuts[0], cuts[0]), (cuts[1], cuts[3]), (cuts[3], cuts[4]), (cuts[5], NUM_TOKENS)]
+        starts += [a for a, _ in pairs]
+        ends += [b for _, b in pairs]
+        counts.append(len(pairs))
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    return torch.tensor(starts), torch.tensor(ends), offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_equals_softmax_over_the_ranges(dtype, masked):
+    generator = torch.Generator().manual_seed(0)
+    rows = 12
+    query = torch.randn(NUM_KV_HEADS, rows, HEAD_DIM, generator=generator) * HEAD_DIM**-0.5
+    keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator).to(dtype)
+    values = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator).to(dtype)
+    starts, ends, offsets = random_ranges(seed=1)
+    row_mask = torch.rand(len(starts), rows, generator=generator) < 0.6 if masked else None
+    out, lse = native.range_attention(query, keys, values, starts, ends, offsets, row_mask)
+    expected_out, expected_lse = reference(query, keys, values, starts, ends, offsets, row_mask)
+    torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_a_row_that_reads_nothing_gets_zeros_and_minus_infinity():
+    query = torch.randn(NUM_KV_HEADS, 2, HEAD_DIM)
+    keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM)
+    starts, ends = torch.tensor([0, 10, 5]), torch.tensor([40, 10, 90])
+    offsets = torch.tensor([0, 1, 2, 3])  # head 1 has only an empty range
+    row_mask = torch.tensor([[True, False], [True, True], [True, True]])
+    out, lse = native.range_attention(query, keys, keys, starts, ends, offsets, row_mask)
+    assert lse[0, 1] == -math.inf and bool((out[0, 1] == 0).all())
+    assert bool((lse[1] == -math.inf).all()) and bool((out[1] == 0).all())
+    assert bool(torch.isfinite(lse[2]).all()) and bool(torch.isfinite(lse[0, :1]).all())
+
+
+def test_huge_logits_stay_finite():
+    query = torch.full((1, 1, HEAD_DIM), 30.0)
+    keys = torch.randn(1, NUM_TOKENS, HEAD_DIM) * 10
+    starts, ends, offsets = torch.tensor([0]), torch.tensor([NUM_TOKENS]), torch.tensor([0, 1])
+    out, lse = native.range_attention(query, keys, keys, starts, ends, offsets, None)
+    expected_out, expected_lse = reference(query, keys, keys, starts, ends, offsets, None)
+    torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-2)
+
+
+def test_supports_only_contiguous_cpu_bf16_or_fp32_within_its_buffers():
+    keys = torch.zeros(NUM_KV_HEADS, 8, HEAD_DIM)
+    assert native.supports(keys, rows=3) and native.supports(keys.bfloat16(), rows=native.MAX_ROWS)
+    assert not native.supports(keys.half(), rows=3)
+    assert not native.supports(keys.transpose(0, 1), rows=3)
+    assert not native.supports(keys, rows=native.MAX_ROWS + 1)
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAPID_KERNEL_DIR", str(tmp_path))
+    native.load.cache_clear()
+    yield tmp_path
+    native.load.cache_clear()
+
+
+def test_compiles_once_into_the_kernel_dir(fresh_load):
+    assert native.load() is not None
+    (built,) = fresh_load.glob("range_attention-*.so")
+    stamp = built.stat().st_mtime_ns
+    native.load.cache_clear()
+    assert native.load() is not None and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_without_a_compiler_or_when_disabled_it_falls_back(fresh_load, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(fresh_load / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="kvcache.native"):
+        assert native.load() is None
+    assert "falls back to torch" in caplog.text
+    assert not native.supports(torch.zeros(1, 4, HEAD_DIM), rows=1)
+    native.load.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("RAPID_NATIVE_KERNELS", "0")
+    assert native.load() is None
