@@ -117,6 +117,7 @@ def range_attention(
     assert keys.shape == values.shape and keys.dtype == values.dtype and keys.is_contiguous() and values.is_contiguous()
     assert keys.shape[0] == num_kv_heads and keys.shape[2] == dim and rows <= MAX_ROWS and dim <= MAX_DIM
     assert range_offsets.shape == (num_kv_heads + 1,) and starts.shape == ends.shape
+    assert starts.dtype == ends.dtype == range_offsets.dtype == torch.int64
     query, starts, ends, range_offsets = (t.contiguous() for t in (query.float(), starts, ends, range_offsets))
     mask = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
     assert mask is None or mask.shape == (starts.shape[0], rows)

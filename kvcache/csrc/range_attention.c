@@ -83,8 +83,9 @@ int range_attention(const float *query, const void *keys, const void *values, in
                     const uint8_t *row_mask, int64_t num_kv_heads, int64_t rows, int64_t num_tokens, int64_t dim,
                     float *out, float *lse) {
     if (rows > MAX_ROWS || dim > MAX_DIM) return -1;
-    float key_block[BLOCK * MAX_DIM], value_block[BLOCK * MAX_DIM];
-    float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    /* Per thread, off the stack (130 KB): the service calls this from worker threads. */
+    static _Thread_local float key_block[BLOCK * MAX_DIM], value_block[BLOCK * MAX_DIM];
+    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
     for (int64_t h = 0; h < num_kv_heads; h++) {
         const float *q = query + h * rows * dim;
         float *acc = out + h * rows * dim;

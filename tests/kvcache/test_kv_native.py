@@ -20,9 +20,7 @@ def reference(query, keys, values, starts, ends, range_offsets, row_mask):
         for row in range(rows):
             ranges = range(int(range_offsets[head]), int(range_offsets[head + 1]))
             picked = [
-                torch.arange(int(starts[i]), int(ends[i]))
-                for i in ranges
-                if row_mask is None or bool(row_mask[i, row])
+                torch.arange(int(starts[i]), int(ends[i])) for i in ranges if row_mask is None or bool(row_mask[i, row])
             ]
             index = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.int64)
             if index.numel():
@@ -118,3 +116,20 @@ def test_without_a_compiler_or_when_disabled_it_falls_back(fresh_load, monkeypat
     monkeypatch.delenv("CC")
     monkeypatch.setenv("RAPID_NATIVE_KERNELS", "0")
     assert native.load() is None
+
+
+def test_concurrent_calls_from_worker_threads_stay_exact():
+    from concurrent.futures import ThreadPoolExecutor
+
+    starts, ends, offsets = random_ranges(seed=2)
+
+    def one(seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        query = torch.randn(NUM_KV_HEADS, 6, HEAD_DIM, generator=generator) * HEAD_DIM**-0.5
+        keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator).bfloat16()
+        out, _ = native.range_attention(query, keys, keys, starts, ends, offsets, None)
+        return out, reference(query, keys, keys, starts, ends, offsets, None)[0]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for out, expected in pool.map(one, range(8)):
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
