@@ -217,7 +217,8 @@ class LocalBackend:
                                         tree_budget=settings.tree_budget, budget_policy=settings.budget_policy,
                                         layer_skip_layers=settings.layer_skip_layers, eta=settings.eta)
         squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule,
-                                dense_layers=settings.squeeze_dense_layers)
+                                dense_layers=settings.squeeze_dense_layers,
+                                estimate_rest=settings.squeeze_estimate_rest)
         document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
                                              attention=settings.attention, squeeze=squeeze)
         config = LocalBackendConfig(chunk=ChunkConfig(chunk_tokens=settings.chunk_tokens), rag=rag,
@@ -554,7 +555,7 @@ class LocalBackend:
         if self.config.document_cache.attention == "squeezed":
             squeeze = self.config.document_cache.squeeze
             document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len, sink_tokens=squeeze.sink_tokens,
-                                        dense_layers=squeeze.dense_layers)
+                                        dense_layers=squeeze.dense_layers, estimate_rest=squeeze.estimate_rest)
             yield self.runner.new_tail_cache(document, tail), request.query_ids
             return
         if not kv.lock.acquire(blocking=False):

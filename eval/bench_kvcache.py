@@ -70,7 +70,8 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
     scaling = query.shape[-1] ** -0.5
     dense = median_time(lambda: grouped_sdpa(query, keys, values, None, scaling), repeats)
     squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
-                                                      scaling, always_read=document.always_read[layer_idx]), repeats)
+                                                      scaling, always_read=document.always_read[layer_idx],
+                                                      estimate_rest=document.estimate_rest), repeats)
     times = {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed,
              "path": "native" if native.supports(layer.keys, query.shape[1] // layer.keys.shape[0]) else "gathered"}
     if times["path"] == "native":  # the kernel over every key: what it costs per key against SDPA's dense pass
@@ -109,11 +110,12 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
 
 @torch.inference_mode()
 def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
-                    settings: list[tuple[float, int]], rule: str = "threshold",
+                    settings: list[tuple[float, int, bool]], rule: str = "threshold",
                     new_tokens: int = 16) -> dict[str, float]:
     """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears (any case).
 
-    settings: (budget, dense layers) pairs -> {"dense": accuracy, (budget, dense layers): accuracy, ...}.
+    settings: (budget, dense layers, estimate rest) -> {"dense": accuracy, (budget, dense layers, estimate rest):
+    accuracy, ...}.
     """
     from api.qa import ChatPrompt
 
@@ -129,7 +131,7 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
             if mode == "dense":
                 cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
             else:
-                view = document.with_budget(mode[0], rule, dense_layers=mode[1])
+                view = document.with_budget(mode[0], rule, dense_layers=mode[1], estimate_rest=mode[2])
                 cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
+    parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=["ignore", "estimate"],
+                        help="one row per value: the clusters a query does not read weigh nothing, or are "
+                             "estimated by centroid and mean value")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
     config = SqueezeConfig()
-    settings = [(budget, dense) for budget in args.budgets for dense in args.dense_layers]
+    settings = [(budget, dense, rest == "estimate") for budget in args.budgets for dense in args.dense_layers
+                for rest in args.rest]
     rows = []
     for item in args.plan:
         model, context = item.split(":")[0], int(item.split(":")[1])
@@ -186,14 +192,16 @@ def main(argv: list[str] | None = None) -> dict:
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)
-        for budget, dense_layers in settings:
-            row = common | {"rule": args.rule, "budget": budget, "dense_layers": dense_layers}
-            view = document.with_budget(budget, args.rule, dense_layers=dense_layers)
+        for budget, dense_layers, estimate_rest in settings:
+            row = common | {"rule": args.rule, "budget": budget, "dense_layers": dense_layers,
+                            "rest": "estimate" if estimate_rest else "ignore"}
+            view = document.with_budget(budget, args.rule, dense_layers=dense_layers, estimate_rest=estimate_rest)
             with torch.inference_mode():
                 row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 20).items()}
             row |= decode_comparison(runner, view, logits, args.steps)
             if needles:
-                row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[(budget, dense_layers)]}
+                row |= {"needle_dense": needles["dense"],
+                        "needle_squeezed": needles[(budget, dense_layers, estimate_rest)]}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
         del document

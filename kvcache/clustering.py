@@ -110,7 +110,8 @@ class ClusteredLayer:
     mean logit of the cluster's keys, which is what the estimated attention weight
     S_j = exp(q.C_j/sqrt(d)) / sum_i N_i exp(q.C_i/sqrt(d)) of DESIGN 4.5 wants. The normalised
     keys are used only to form the clusters. Empty clusters have a zero centroid and size 0;
-    scoring gives them weight zero.
+    scoring gives them weight zero. value_means are the plain means of each cluster's values: with the
+    centroid logits they estimate what the clusters a query does not read contribute.
 
     Example with T=5, C=3, one head: assignments [2, 0, 2, 0, 0] give
     permutation [1, 3, 4, 0, 2], sizes [3, 0, 2], offsets [0, 3, 3, 5];
@@ -120,6 +121,7 @@ class ClusteredLayer:
     keys: Tensor  # [Hkv, T, D] in cluster order, dtype of the cache
     values: Tensor  # [Hkv, T, D] in cluster order
     centroids: Tensor  # [Hkv, C, D] fp32
+    value_means: Tensor  # [Hkv, C, D] fp32, mean of each cluster's values (to estimate the clusters not read)
     sizes: Tensor  # [Hkv, C] int64
     offsets: Tensor  # [Hkv, C+1] int64
     permutation: Tensor  # [Hkv, T] int64, original token position of each stored key
@@ -202,6 +204,7 @@ def layer_from_assignments(
         keys=keys.gather(1, gather),
         values=values.gather(1, gather),
         centroids=_cluster_means(raw, assignments, num_clusters),
+        value_means=_cluster_means(values.float(), assignments, num_clusters),
         sizes=sizes,
         offsets=F.pad(torch.cumsum(sizes, 1), (1, 0)),
         permutation=permutation,

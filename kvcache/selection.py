@@ -62,15 +62,27 @@ def _check_fraction(name: str, value: float | None) -> None:
 
 def select_clusters(query: Tensor, layer: ClusteredLayer, rule: SelectionRule, scaling: float) -> Tensor:
     """query [Hkv, G, N, D] fp32 -> selected [Hkv, N, C] bool (shared by the G heads of a group)."""
+    return score_clusters(query, layer, rule, scaling)[0]
+
+
+def score_clusters(query: Tensor, layer: ClusteredLayer, rule: SelectionRule, scaling: float) -> tuple[Tensor, Tensor]:
+    """query [Hkv, G, N, D] fp32 -> selected [Hkv, N, C] bool and the centroid logits q.C_j * scaling
+    [Hkv, G, N, C] fp32 they were chosen from (-inf for a cluster the hierarchical lookup did not score)."""
     if rule.expand_fraction is None or layer.coarse is None:
-        log_weights = cluster_log_weights(query, layer, scaling)
+        logits = centroid_logits(query, layer, scaling)
+        log_weights = _normalised(logits, layer.sizes)
     else:
-        log_weights = hierarchical_log_weights(query, layer, rule.expand_fraction, scaling)
+        log_weights, logits = _hierarchical_scores(query, layer, rule.expand_fraction, scaling)
     group_scores = log_weights.amax(dim=1)  # [Hkv, N, C]
     if isinstance(rule, ThresholdRule):
         thresholds = rule.log_thresholds.to(group_scores.device)[:, None, None]
-        return (group_scores >= thresholds) & (group_scores > -math.inf)
-    return top_budget(group_scores, layer.sizes, rule.fraction * layer.num_tokens)
+        return (group_scores >= thresholds) & (group_scores > -math.inf), logits
+    return top_budget(group_scores, layer.sizes, rule.fraction * layer.num_tokens), logits
+
+
+def centroid_logits(query: Tensor, layer: ClusteredLayer, scaling: float) -> Tensor:
+    """q.C_j * scaling: query [Hkv, G, N, D] fp32 -> [Hkv, G, N, C] fp32."""
+    return torch.einsum("hgnd,hcd->hgnc", query, layer.centroids) * scaling
 
 
 def cluster_log_weights(query: Tensor, layer: ClusteredLayer, scaling: float) -> Tensor:
@@ -78,14 +90,25 @@ def cluster_log_weights(query: Tensor, layer: ClusteredLayer, scaling: float) ->
 
     Empty clusters get -inf (they hold no key).
     """
-    logits = torch.einsum("hgnd,hcd->hgnc", query, layer.centroids) * scaling
-    log_sizes = _log_sizes(layer.sizes)[:, None, None, :]
+    return _normalised(centroid_logits(query, layer, scaling), layer.sizes)
+
+
+def _normalised(logits: Tensor, sizes: Tensor) -> Tensor:
+    """log S_j = logit_j - log sum_i N_i exp(logit_i); -inf for an empty cluster."""
+    log_sizes = _log_sizes(sizes)[:, None, None, :]
     denominator = torch.logsumexp(logits + log_sizes, dim=-1, keepdim=True)
     return (logits - denominator).masked_fill(log_sizes == -math.inf, -math.inf)
 
 
 def hierarchical_log_weights(query: Tensor, layer: ClusteredLayer, expand_fraction: float, scaling: float) -> Tensor:
-    """log S_j scored through the coarse level: [Hkv, G, N, D] fp32 -> [Hkv, G, N, C] fp32.
+    """log S_j scored through the coarse level: [Hkv, G, N, D] fp32 -> [Hkv, G, N, C] fp32 (see below)."""
+    return _hierarchical_scores(query, layer, expand_fraction, scaling)[0]
+
+
+def _hierarchical_scores(
+    query: Tensor, layer: ClusteredLayer, expand_fraction: float, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """log S_j scored through the coarse level, and the fine logits: [Hkv, G, N, D] fp32 -> 2 x [Hkv, G, N, C].
 
     Each query (per kv group) expands the best coarse clusters covering `expand_fraction` of the keys
     and scores only their fine clusters; the others get -inf. The softmax denominator sums the
@@ -119,7 +142,7 @@ def hierarchical_log_weights(query: Tensor, layer: ClusteredLayer, expand_fracti
         torch.logsumexp(logits + log_sizes, dim=-1, keepdim=True),
         torch.logsumexp(unexpanded_mass, dim=-1, keepdim=True),
     )
-    return (logits - denominator).masked_fill(log_sizes == -math.inf, -math.inf)
+    return (logits - denominator).masked_fill(log_sizes == -math.inf, -math.inf), logits
 
 
 def top_budget(scores: Tensor, sizes: Tensor, budget_keys: float) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 from kvcache import native
 from kvcache.clustering import ClusteredLayer
 from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
-from kvcache.selection import SelectionRule, padded_ranges, select_clusters
+from kvcache.selection import SelectionRule, padded_ranges, score_clusters
 
 
 @dataclass
@@ -68,11 +68,15 @@ def squeezed_attention(
     scaling: float,
     stats: SqueezeStats | None = None,
     always_read: Tensor | None = None,  # [Hkv, C] bool: clusters every query reads (e.g. attention sinks)
+    estimate_rest: bool = False,
 ) -> Tensor:  # [B, H, N, D], dtype of query
     """Attention of N queries over the selected document clusters and the masked tail.
 
-    For N > 1 the union of the queries' clusters is gathered once per kv head and each query is
-    masked to its own clusters, so every query gets exactly what it would get alone.
+    For N > 1 each query reads only its own clusters, so every query gets exactly what it would get alone.
+    estimate_rest: also count the clusters a query does not read, each as its N_j keys at the centroid's
+    logit holding the cluster's mean value (one more softmax part over the centroids already scored).
+    That is exact for clusters whose keys and values are all equal, and it keeps the attention mass of
+    broad layers that no budget covers; without it the unread clusters weigh nothing.
     """
     batch, num_heads, num_queries, head_dim = query.shape
     assert batch == 1, f"squeezed attention serves one document at a time, got batch {batch}"
@@ -81,14 +85,21 @@ def squeezed_attention(
     group = num_heads // num_kv_heads
     q = query[0].float().view(num_kv_heads, group, num_queries, head_dim)
 
-    selected = select_clusters(q, doc, rule, scaling)  # [Hkv, N, C]
+    selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
     if always_read is not None:
         selected = selected | always_read[:, None, :]
     union = selected.any(dim=1)  # [Hkv, C], the clusters read
     if native.supports(doc.keys, group * num_queries):
-        out = _ranges_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+        parts = _ranges_parts(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+    elif estimate_rest:
+        parts = [_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)]
     else:
+        parts = []
         out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+    if estimate_rest:
+        parts.append(_estimated_rest(logits, selected, doc))
+    if parts:
+        out = _merge(parts).reshape(query.shape).to(query.dtype)
 
     if stats is not None:
         selected_keys = int((selected * doc.sizes[:, None, :]).sum())
@@ -96,14 +107,13 @@ def squeezed_attention(
     return out
 
 
-def _ranges_attention(
+def _ranges_parts(
     query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
     tail_mask: Tensor | None, scaling: float,
-) -> Tensor:  # fmt: skip
-    """The native path: the kernel reads the selected clusters in place, SDPA the tail, merged by log-sum-exp.
-
-    Each query row reads only its own clusters (a row mask per range when N > 1).
-    """
+) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+    """The native path: the kernel reads the selected clusters in place, SDPA the tail; each part as
+    (out [1, Hkv, G*N, D], lse [1, Hkv, G*N]). Each query row reads only its own clusters (a row mask
+    per range when N > 1)."""
     _, num_heads, num_queries, head_dim = query.shape
     num_kv_heads = doc.keys.shape[0]
     group = num_heads // num_kv_heads
@@ -118,46 +128,78 @@ def _ranges_attention(
     )  # fmt: skip
     rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
     mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]
-    tail_out, tail_lse = _attention_with_lse(rows, tail_keys.to(rows.dtype), tail_values.to(rows.dtype), mask, scaling)
-    out = _merge(doc_out[None], doc_lse[None], tail_out, tail_lse)
-    return out.reshape(query.shape).to(query.dtype)
+    tail = _attention_with_lse(rows, tail_keys.to(rows.dtype), tail_values.to(rows.dtype), mask, scaling)
+    return [(doc_out[None], doc_lse[None]), tail]
+
+
+def _gathered_rows(
+    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """The selected clusters' rows copied into one buffer with the tail: keys, values [Hkv, M+S, D] and the
+    mask [1, Hkv, N, M+S] bool (None when every query sees every gathered key)."""
+    num_queries = query.shape[2]
+    num_kv_heads = doc.keys.shape[0]
+    indices, valid = padded_ranges(doc.offsets, union)  # [Hkv, M]
+    keys, values = _gather_with_tail(doc, indices, tail_keys[0], tail_values[0])  # [Hkv, M+S, D]
+    if num_queries > 1:
+        cluster = torch.searchsorted(doc.offsets[:, 1:].contiguous(), indices, right=True)  # [Hkv, M]
+        doc_mask = selected.gather(2, cluster[:, None, :].expand(-1, num_queries, -1)) & valid[:, None, :]
+    else:
+        doc_mask = valid[:, None, :]  # the union is the query's own selection
+    if num_queries == 1 and tail_mask is None and bool(valid.all()):
+        return keys, values, None
+    num_tail = tail_keys.shape[2]
+    tail_part = (
+        doc_mask.new_ones(num_kv_heads, num_queries, num_tail)
+        if tail_mask is None
+        else tail_mask[None].expand(num_kv_heads, -1, -1)
+    )
+    return keys, values, torch.cat([doc_mask, tail_part], dim=2)[None]
 
 
 def _gathered_attention(
     query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
     tail_mask: Tensor | None, scaling: float,
 ) -> Tensor:  # fmt: skip
-    """The torch path: the selected clusters' rows copied into one buffer with the tail, one SDPA call."""
-    num_queries = query.shape[2]
-    num_kv_heads = doc.keys.shape[0]
-    group = query.shape[1] // num_kv_heads
-    head_dim = query.shape[3]
-    indices, valid = padded_ranges(doc.offsets, union)  # [Hkv, M]
-    keys, values = _gather_with_tail(doc, indices, tail_keys[0], tail_values[0])  # [Hkv, M+S, D]
-
-    mask = None  # [1, H, N, M+S] bool, None when every query sees every gathered key
-    if num_queries > 1:
-        cluster = torch.searchsorted(doc.offsets[:, 1:].contiguous(), indices, right=True)  # [Hkv, M]
-        doc_mask = selected.gather(2, cluster[:, None, :].expand(-1, num_queries, -1)) & valid[:, None, :]
-    else:
-        doc_mask = valid[:, None, :]  # the union is the query's own selection
-    if num_queries > 1 or tail_mask is not None or not bool(valid.all()):
-        num_tail = tail_keys.shape[2]
-        tail_part = (
-            doc_mask.new_ones(num_kv_heads, num_queries, num_tail)
-            if tail_mask is None
-            else tail_mask[None].expand(num_kv_heads, -1, -1)
-        )
-        mask = torch.cat([doc_mask, tail_part], dim=2)[None]  # [1, Hkv, N, M+S]
+    """The torch path: one SDPA call over the gathered rows -> [1, H, N, D]."""
+    num_kv_heads, head_dim = doc.keys.shape[0], query.shape[3]
+    group, num_queries = query.shape[1] // num_kv_heads, query.shape[2]
+    keys, values, mask = _gathered_rows(query, doc, selected, union, tail_keys, tail_values, tail_mask)
+    if not keys.shape[1]:
+        return torch.zeros_like(query)
     out = grouped_sdpa(query.to(keys.dtype), keys[None], values[None], mask, scaling).to(query.dtype)
-    if mask is not None and keys.shape[1]:
+    if mask is not None:
         seen = mask.any(dim=-1, keepdim=True)  # a query that sees nothing gets zeros, not NaN
         if not bool(seen.all()):
             out = out.view(1, num_kv_heads, group, num_queries, head_dim).masked_fill(~seen[:, :, None], 0.0)
             out = out.view(query.shape)
-    elif not keys.shape[1]:
-        out = torch.zeros_like(query)
     return out
+
+
+def _gathered_part(
+    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The torch path as one softmax part with its log-sum-exp: out [1, Hkv, G*N, D], lse [1, Hkv, G*N]."""
+    num_kv_heads = doc.keys.shape[0]
+    keys, values, mask = _gathered_rows(query, doc, selected, union, tail_keys, tail_values, tail_mask)
+    rows = fold_queries(query.to(keys.dtype), num_kv_heads)
+    mask = None if mask is None else fold_mask(mask, query.shape[1] // num_kv_heads)
+    return _attention_with_lse(rows, keys[None], values[None], mask, scaling)
+
+
+def _estimated_rest(logits: Tensor, selected: Tensor, doc: ClusteredLayer) -> tuple[Tensor, Tensor]:
+    """The clusters a query does not read, each as N_j keys at its centroid logit holding its mean value.
+
+    logits [Hkv, G, N, C] (-inf = not scored), selected [Hkv, N, C] -> out [1, Hkv, G*N, D], lse [1, Hkv, G*N].
+    """
+    num_kv_heads, group, num_queries, _ = logits.shape
+    mass = (logits + torch.log(doc.sizes.float())[:, None, None, :]).masked_fill(selected[:, None], -math.inf)
+    lse = torch.logsumexp(mass, dim=-1)  # [Hkv, G, N]; -inf when every cluster is read
+    weights = torch.exp(mass - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
+    out = weights @ doc.value_means[:, None]  # [Hkv, G, N, D]
+    return out.reshape(1, num_kv_heads, group * num_queries, -1), lse.reshape(1, num_kv_heads, -1)
 
 
 def _gather_with_tail(
@@ -240,19 +282,18 @@ def full_document_attention(
     tail_out, tail_lse = _attention_with_lse(
         folded, tail_keys.to(folded.dtype), tail_values.to(folded.dtype), mask, scaling
     )
-    out = _merge(doc_out, doc_lse, tail_out, tail_lse)
+    out = _merge([(doc_out, doc_lse), (tail_out, tail_lse)])
     if stats is not None:
         doc_keys = num_kv_heads * doc.num_tokens
         stats.add(doc_keys, num_queries, doc_keys, doc_keys * num_queries)
     return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
 
 
-def _merge(doc_out: Tensor, doc_lse: Tensor, tail_out: Tensor, tail_lse: Tensor) -> Tensor:
-    """Two softmax parts [1, Hkv, R, D] with their log-sum-exps [1, Hkv, R] -> their joint softmax, fp32."""
-    lse = torch.logaddexp(doc_lse, tail_lse)
+def _merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Softmax parts (out [1, Hkv, R, D], lse [1, Hkv, R]) over disjoint keys -> their joint softmax, fp32."""
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
     lse = lse.masked_fill(lse == -math.inf, 0.0)  # a query that sees nothing gets zeros, not NaN
-    doc_weight, tail_weight = torch.exp(doc_lse - lse)[..., None], torch.exp(tail_lse - lse)[..., None]
-    return doc_weight * doc_out.float() + tail_weight * tail_out.float()
+    return sum(torch.exp(part_lse - lse)[..., None] * part_out.float() for part_out, part_lse in parts)
 
 
 def _attention_with_lse(

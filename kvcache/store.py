@@ -7,7 +7,7 @@ the document's token ids. Loading with a different key raises CacheMismatchError
 truncated file (checked by a CRC-32 of every tensor) raises CacheCorruptError. Writes are atomic:
 a temporary file in the same folder, fsynced, then os.replace.
 
-Tensor names: layers.{i}.{keys,values,centroids,sizes,offsets,permutation},
+Tensor names: layers.{i}.{keys,values,centroids,value_means,sizes,offsets,permutation},
 layers.{i}.coarse.{centroids,sizes,offsets}, layers.{i}.log_thresholds.
 """
 
@@ -31,9 +31,10 @@ from torch import Tensor
 from kvcache.calibration import Thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, CoarseLevel
 
-FORMAT_VERSION = 2  # 2: keys of bf16/fp16 models rotated with fp32 RoPE frequencies (1 rounded them)
+# 2: keys of bf16/fp16 models rotated with fp32 RoPE frequencies (1 rounded them); 3: per-cluster value means
+FORMAT_VERSION = 3
 
-_LAYER_FIELDS = ("keys", "values", "centroids", "sizes", "offsets", "permutation")
+_LAYER_FIELDS = ("keys", "values", "centroids", "value_means", "sizes", "offsets", "permutation")
 _COARSE_FIELDS = ("centroids", "sizes", "offsets")
 
 

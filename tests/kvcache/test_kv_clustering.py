@@ -65,6 +65,8 @@ def test_cluster_layer_invariants():
             members = layer.keys[head, offsets[cluster] : offsets[cluster + 1]]
             if len(members):
                 torch.testing.assert_close(members.mean(0), layer.centroids[head, cluster])
+                member_values = layer.values[head, offsets[cluster] : offsets[cluster + 1]]
+                torch.testing.assert_close(member_values.mean(0), layer.value_means[head, cluster])
     restored_keys, restored_values = layer.original_order()
     assert torch.equal(restored_keys, keys) and torch.equal(restored_values, values)
 

@@ -249,3 +249,44 @@ def test_full_document_attention_in_bf16_and_with_a_hidden_tail(document):
     out = full_document_attention(query, layer, *args)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, dense_attention(query, layer.keys, layer.values, *args), atol=1e-3, rtol=2e-2)
+
+
+def test_estimated_rest_is_exact_for_singleton_clusters():
+    """A cluster of one key is its own centroid and mean value, so the estimate of the unread ones is exact."""
+    generator = torch.Generator().manual_seed(40)
+    keys = torch.randn(NUM_KV_HEADS, 300, HEAD_DIM, generator=generator)
+    values = torch.randn(NUM_KV_HEADS, 300, HEAD_DIM, generator=generator)
+    layer = layer_from_assignments(keys, values, torch.arange(300).expand(NUM_KV_HEADS, -1), num_clusters=300)
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=41)
+    num_nodes = 5
+    tail_mask = random_tree_mask(num_nodes, NUM_PREFIX - num_nodes, seed=42)
+    query = queries(num_nodes, seed=43)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, tail_mask, SCALING)
+    for rule in (TopBudgetRule(0.1), ThresholdRule(torch.full((NUM_KV_HEADS,), math.inf))):  # 10%, nothing read
+        out = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING, estimate_rest=True)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        without = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING)
+        assert (without - expected).abs().max() > 1e-2  # the estimate is what makes it exact
+
+
+@pytest.mark.parametrize("rule", EVERY_CLUSTER, ids=["top_budget", "threshold", "hierarchical"])
+def test_estimated_rest_is_empty_when_every_cluster_is_read(document, rule):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=44)
+    query = queries(3, seed=45)
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, estimate_rest=True)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_estimated_rest_cuts_the_error_of_a_small_budget(document):
+    """Planted clusters: the unread ones are tight, so their centroid and mean value stand in for them well."""
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=46)
+    query = queries(4, seed=47, scale=0.5)  # broad attention, so the unread clusters carry real mass
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    rule = TopBudgetRule(0.05)
+    plain = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING)
+    estimated = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, estimate_rest=True)
+    plain_error, estimated_error = (plain - expected).norm(), (estimated - expected).norm()
+    assert estimated_error < 0.5 * plain_error, (plain_error, estimated_error)
