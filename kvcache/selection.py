@@ -70,7 +70,7 @@ def score_clusters(query: Tensor, layer: ClusteredLayer, rule: SelectionRule, sc
     [Hkv, G, N, C] fp32 they were chosen from (-inf for a cluster the hierarchical lookup did not score)."""
     if rule.expand_fraction is None or layer.coarse is None:
         logits = centroid_logits(query, layer, scaling)
-        log_weights = _normalised(logits, layer.sizes)
+        log_weights = _normalised(logits, layer.log_sizes)
     else:
         log_weights, logits = _hierarchical_scores(query, layer, rule.expand_fraction, scaling)
     group_scores = log_weights.amax(dim=1)  # [Hkv, N, C]
@@ -82,7 +82,9 @@ def score_clusters(query: Tensor, layer: ClusteredLayer, rule: SelectionRule, sc
 
 def centroid_logits(query: Tensor, layer: ClusteredLayer, scaling: float) -> Tensor:
     """q.C_j * scaling: query [Hkv, G, N, D] fp32 -> [Hkv, G, N, C] fp32."""
-    return torch.einsum("hgnd,hcd->hgnc", query, layer.centroids) * scaling
+    num_kv_heads, group, num_queries, head_dim = query.shape
+    rows = query.reshape(num_kv_heads, group * num_queries, head_dim)
+    return torch.bmm(rows, layer.centroids_by_dim).view(num_kv_heads, group, num_queries, -1) * scaling
 
 
 def cluster_log_weights(query: Tensor, layer: ClusteredLayer, scaling: float) -> Tensor:
@@ -90,14 +92,14 @@ def cluster_log_weights(query: Tensor, layer: ClusteredLayer, scaling: float) ->
 
     Empty clusters get -inf (they hold no key).
     """
-    return _normalised(centroid_logits(query, layer, scaling), layer.sizes)
+    return _normalised(centroid_logits(query, layer, scaling), layer.log_sizes)
 
 
-def _normalised(logits: Tensor, sizes: Tensor) -> Tensor:
-    """log S_j = logit_j - log sum_i N_i exp(logit_i); -inf for an empty cluster."""
-    log_sizes = _log_sizes(sizes)[:, None, None, :]
+def _normalised(logits: Tensor, log_sizes: Tensor) -> Tensor:
+    """log S_j = logit_j - log sum_i N_i exp(logit_i); -inf for an empty cluster. log_sizes [Hkv, C]."""
+    log_sizes = log_sizes[:, None, None, :]
     denominator = torch.logsumexp(logits + log_sizes, dim=-1, keepdim=True)
-    return (logits - denominator).masked_fill(log_sizes == -math.inf, -math.inf)
+    return (logits - denominator).masked_fill_(log_sizes == -math.inf, -math.inf)
 
 
 def hierarchical_log_weights(query: Tensor, layer: ClusteredLayer, expand_fraction: float, scaling: float) -> Tensor:
@@ -136,7 +138,7 @@ def _hierarchical_scores(
     logits = torch.full((num_heads, group, num_queries, num_clusters + 1), -math.inf, device=query.device)
     logits = logits.scatter(3, column, fine_logits)[..., :num_clusters]  # [Hkv, G, N, C]
 
-    log_sizes = _log_sizes(layer.sizes)[:, None, None, :]
+    log_sizes = layer.log_sizes[:, None, None, :]
     unexpanded_mass = coarse_mass.masked_fill(expanded[:, None], -math.inf)
     denominator = torch.logaddexp(
         torch.logsumexp(logits + log_sizes, dim=-1, keepdim=True),

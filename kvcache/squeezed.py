@@ -195,11 +195,11 @@ def _estimated_rest(logits: Tensor, selected: Tensor, doc: ClusteredLayer) -> tu
     logits [Hkv, G, N, C] (-inf = not scored), selected [Hkv, N, C] -> out [1, Hkv, G*N, D], lse [1, Hkv, G*N].
     """
     num_kv_heads, group, num_queries, _ = logits.shape
-    mass = (logits + torch.log(doc.sizes.float())[:, None, None, :]).masked_fill(selected[:, None], -math.inf)
+    mass = (logits + doc.log_sizes[:, None, None, :]).masked_fill_(selected[:, None], -math.inf)
     lse = torch.logsumexp(mass, dim=-1)  # [Hkv, G, N]; -inf when every cluster is read
-    weights = torch.exp(mass - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
-    out = weights @ doc.value_means[:, None]  # [Hkv, G, N, D]
-    return out.reshape(1, num_kv_heads, group * num_queries, -1), lse.reshape(1, num_kv_heads, -1)
+    weights = mass.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_()
+    out = torch.bmm(weights.view(num_kv_heads, group * num_queries, -1), doc.value_means)  # no broadcast copy
+    return out[None], lse.reshape(1, num_kv_heads, -1)
 
 
 def _gather_with_tail(
