@@ -43,3 +43,10 @@ def test_invalid_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="layer-skip"):  # the tiny model has 3 layers
         LocalBackend.from_settings(Settings(model="tiny", device="cpu", data_dir=tmp_path, drafter="layer-skip"),
                                    load_embedder=False)
+
+
+def test_squeeze_defaults_follow_rapid_squeeze():
+    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST
+
+    settings = Settings()
+    assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_estimate_rest == ESTIMATE_REST
