@@ -62,26 +62,40 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in turn within every round so a busy minute hits all alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.Tensor, repeats: int) -> dict:
-    """One layer, one real decode query [1, H, 1, D]: dense SDPA vs squeezed attention (sinks read, empty tail)."""
+    """One layer, one real decode query [1, H, 1, D]: dense SDPA vs squeezed attention (sinks read, empty tail),
+    and with the native kernel that kernel over every key (its cost per key against SDPA's dense pass)."""
     layer = document.clustered.layers[layer_idx]
     keys, values = layer.keys[None], layer.values[None]  # [1, Hkv, T, D] (order does not matter)
     empty = keys[:, :, :0]
     scaling = query.shape[-1] ** -0.5
-    dense = median_time(lambda: grouped_sdpa(query, keys, values, None, scaling), repeats)
-    squeezed = median_time(lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None,
-                                                      scaling, always_read=document.always_read[layer_idx],
-                                                      estimate_rest=document.estimate_rest), repeats)
-    times = {"dense_ms": dense * 1e3, "squeezed_ms": squeezed * 1e3, "speedup": dense / squeezed,
-             "path": "native" if native.supports(layer.keys, query.shape[1] // layer.keys.shape[0]) else "gathered"}
-    if times["path"] == "native":  # the kernel over every key: what it costs per key against SDPA's dense pass
+    path = "native" if native.supports(layer.keys, query.shape[1] // layer.keys.shape[0]) else "gathered"
+    fns = {
+        "dense": lambda: grouped_sdpa(query, keys, values, None, scaling),
+        "squeezed": lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None, scaling,
+                                               always_read=document.always_read[layer_idx],
+                                               estimate_rest=document.estimate_rest),
+    }
+    if path == "native":
         num_kv_heads, num_tokens, _ = layer.keys.shape
         folded = query[0].float().reshape(num_kv_heads, -1, query.shape[-1]) * scaling
         whole = (torch.zeros(num_kv_heads, dtype=torch.int64), torch.full((num_kv_heads,), num_tokens),
                  torch.arange(num_kv_heads + 1))
-        every_key = median_time(lambda: native.range_attention(folded, layer.keys, layer.values, *whole, None), repeats)
-        times["native_every_key_ms"] = every_key * 1e3
-    return times
+        fns["native_every_key"] = lambda: native.range_attention(folded, layer.keys, layer.values, *whole, None)
+    medians = interleaved_medians(fns, repeats)
+    return {f"{name}_ms": seconds * 1e3 for name, seconds in medians.items()} | {
+        "speedup": medians["dense"] / medians["squeezed"], "path": path}
 
 
 @torch.inference_mode()
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "rest": "estimate" if estimate_rest else "ignore"}
             view = document.with_budget(budget, args.rule, dense_layers=dense_layers, estimate_rest=estimate_rest)
             with torch.inference_mode():
-                row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 20).items()}
+                row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 40).items()}
             row |= decode_comparison(runner, view, logits, args.steps)
             if needles:
                 row |= {"needle_dense": needles["dense"],
