@@ -85,7 +85,15 @@ def load() -> ctypes.CDLL | None:
         return None
     library.range_attention.restype = ctypes.c_int
     pointers, sizes = [_POINTER] * 4, [_INT64] * 4  # query keys values flag | starts ends offsets mask | sizes
-    library.range_attention.argtypes = [*pointers[:3], ctypes.c_int, *pointers, *sizes, _POINTER, _POINTER]
+    library.range_attention.argtypes = [
+        *pointers[:3],
+        ctypes.c_int,
+        ctypes.c_int,
+        *pointers,
+        *sizes,
+        _POINTER,
+        _POINTER,
+    ]
     return library
 
 
@@ -109,6 +117,7 @@ def range_attention(
     ends: Tensor,  # [Q] int64
     range_offsets: Tensor,  # [Hkv+1] int64: kv head h owns ranges range_offsets[h]:range_offsets[h+1]
     row_mask: Tensor | None,  # [Q, R] bool, True = the row reads that range; None = every row reads every range
+    round_probs: bool = False,  # round the probabilities that weigh the values to bf16, as torch's bf16 SDPA does
 ) -> tuple[Tensor, Tensor]:  # out [Hkv, R, D] fp32, lse [Hkv, R] fp32 (-inf and zeros for a row that read nothing)
     """Exact softmax attention of each row over the keys of its ranges, with its log-sum-exp."""
     library = load()
@@ -124,7 +133,7 @@ def range_attention(
     out = torch.empty(num_kv_heads, rows, dim)
     lse = torch.empty(num_kv_heads, rows)
     status = library.range_attention(
-        query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16),
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), int(round_probs),
         starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if mask is None else mask.data_ptr(),
         num_kv_heads, rows, keys.shape[1], dim, out.data_ptr(), lse.data_ptr(),
     )  # fmt: skip

@@ -124,7 +124,7 @@ def _ranges_parts(
     folded = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim) * scaling
     doc_out, doc_lse = native.range_attention(
         folded, doc.keys, doc.values, doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets,
-        row_mask,
+        row_mask, round_probs=doc.keys.dtype == torch.bfloat16,  # the rounding the dense bf16 path has
     )  # fmt: skip
     rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
     mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]

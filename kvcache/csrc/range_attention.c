@@ -10,6 +10,7 @@
  * T stored tokens, D head dim, Q ranges in all.
  *   query       [Hkv, R, D] fp32, already multiplied by the softmax scaling
  *   keys/values [Hkv, T, D] bf16 (as uint16) or fp32, contiguous
+ *   round_probs 1 = round the probabilities that weigh the values to bf16 (what torch's bf16 kernel does)
  *   starts/ends [Q] int64, ranges of head h at range_offsets[h] .. range_offsets[h+1]
  *   row_mask    [Q, R] uint8 (1 = the row reads this range) or NULL (every row reads every range)
  *   out         [Hkv, R, D] fp32, the softmax-weighted values (0 for a row that read nothing)
@@ -37,9 +38,21 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t count) {
     }
 }
 
-/* One block of n keys: update every active row's running max, sum and weighted value sum. */
+/* Round to the nearest bf16 (ties to even), kept as a float. */
+static inline float round_to_bf16(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* One block of n keys: update every active row's running max, sum and weighted value sum. With round_probs the
+ * probabilities that weigh the values are rounded to bf16 first, as torch's bf16 flash kernel does (its sums
+ * stay fp32), so a bf16 cache gets the dense path's rounding. */
 static void attend_block(const float *query, const uint8_t *active, int64_t rows, int64_t dim, const float *keys,
-                         const float *values, int64_t n, float *row_max, float *row_sum, float *acc) {
+                         const float *values, int64_t n, int round_probs, float *row_max, float *row_sum,
+                         float *acc) {
     float probs[BLOCK];
     for (int64_t r = 0; r < rows; r++) {
         if (active && !active[r]) continue;
@@ -68,6 +81,10 @@ static void attend_block(const float *query, const uint8_t *active, int64_t rows
             sum += probs[j];
         }
         row_sum[r] += sum;
+        if (round_probs) {
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) probs[j] = round_to_bf16(probs[j]);
+        }
         for (int64_t j = 0; j < n; j++) {
             const float p = probs[j];
             const float *v = values + j * dim;
@@ -78,7 +95,7 @@ static void attend_block(const float *query, const uint8_t *active, int64_t rows
 }
 
 /* Returns 0, or -1 when rows or dim exceed the kernel's fixed buffers (the caller checks first). */
-int range_attention(const float *query, const void *keys, const void *values, int keys_are_bf16,
+int range_attention(const float *query, const void *keys, const void *values, int keys_are_bf16, int round_probs,
                     const int64_t *starts, const int64_t *ends, const int64_t *range_offsets,
                     const uint8_t *row_mask, int64_t num_kv_heads, int64_t rows, int64_t num_tokens, int64_t dim,
                     float *out, float *lse) {
@@ -110,7 +127,7 @@ int range_attention(const float *query, const void *keys, const void *values, in
                     k = (const float *)keys + at;
                     v = (const float *)values + at;
                 }
-                attend_block(q, active, rows, dim, k, v, n, row_max, row_sum, acc);
+                attend_block(q, active, rows, dim, k, v, n, round_probs, row_max, row_sum, acc);
             }
         }
         for (int64_t r = 0; r < rows; r++) {
