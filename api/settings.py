@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         default=2, ge=0, description="the first layers read every document key ('squeezed'): their attention "
         "is too broad to squeeze")
     squeeze_estimate_rest: bool = Field(  # default = rapid.squeeze.ESTIMATE_REST
-        default=True, description="'squeezed': count the clusters a query does not read by their centroid and "
+        default=False, description="'squeezed': count the clusters a query does not read by their centroid and "
         "mean value instead of ignoring them")
 
     @model_validator(mode="after")
