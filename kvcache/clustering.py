@@ -135,6 +135,17 @@ class ClusteredLayer:
         return self.centroids.transpose(1, 2).contiguous()
 
     @functools.cached_property
+    def compact_centroids(self) -> Tensor:
+        """Centroids in bf16 when the cache is bf16 (half the bytes for the native scoring pass), else fp32."""
+        dtype = torch.bfloat16 if self.keys.dtype == torch.bfloat16 else torch.float32
+        return self.centroids.to(dtype).contiguous()
+
+    @functools.cached_property
+    def compact_value_means(self) -> Tensor:
+        """value_means in bf16 when the cache is bf16 (for the native rest estimate), else fp32."""
+        return self.value_means.to(self.compact_centroids.dtype).contiguous()
+
+    @functools.cached_property
     def log_sizes(self) -> Tensor:
         """[Hkv, C] fp32 log N_j; -inf for an empty cluster, so it weighs nothing in any sum."""
         return torch.log(self.sizes.float())

@@ -94,6 +94,10 @@ def load() -> ctypes.CDLL | None:
         _POINTER,
         _POINTER,
     ]
+    library.centroid_logits.restype = None
+    library.centroid_logits.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, _POINTER]
+    library.weighted_means.restype = None
+    library.weighted_means.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, ctypes.c_float, _POINTER]
     return library
 
 
@@ -139,3 +143,39 @@ def range_attention(
     )  # fmt: skip
     assert status == 0, f"range_attention refused rows={rows} dim={dim}"
     return out, lse.masked_fill_(lse <= EMPTY_LSE / 2, -math.inf)
+
+
+def centroid_logits(query: Tensor, centroids: Tensor) -> Tensor:
+    """query [Hkv, R, D] fp32 (scaled) . centroids [Hkv, C, D] bf16 or fp32 -> logits [Hkv, R, C] fp32."""
+    library = load()
+    assert library is not None, "centroid_logits called without the native library; check supports() first"
+    num_kv_heads, rows, dim = query.shape
+    assert centroids.dtype in KERNEL_DTYPES and centroids.is_contiguous() and centroids.shape[0] == num_kv_heads
+    assert centroids.shape[2] == dim and dim <= MAX_DIM
+    query = query.float().contiguous()
+    logits = torch.empty(num_kv_heads, rows, centroids.shape[1])
+    library.centroid_logits(
+        query.data_ptr(), centroids.data_ptr(), int(centroids.dtype == torch.bfloat16), num_kv_heads, rows,
+        centroids.shape[1], dim, logits.data_ptr(),
+    )  # fmt: skip
+    return logits
+
+
+def weighted_means(weights: Tensor, means: Tensor, skip_below: float = 1e-8) -> Tensor:
+    """weights [Hkv, R, C] fp32 @ means [Hkv, C, D] bf16 or fp32 -> [Hkv, R, D] fp32.
+
+    A cluster weighing less than skip_below in every row is not read (its means are most of the bytes); with
+    weights summing to 1 per row that moves each output by at most C * skip_below times the largest mean.
+    """
+    library = load()
+    assert library is not None, "weighted_means called without the native library; check supports() first"
+    num_kv_heads, rows, num_clusters = weights.shape
+    assert means.dtype in KERNEL_DTYPES and means.is_contiguous() and means.shape[:2] == (num_kv_heads, num_clusters)
+    assert means.shape[2] <= MAX_DIM
+    weights = weights.float().contiguous()
+    out = torch.empty(num_kv_heads, rows, means.shape[2])
+    library.weighted_means(
+        weights.data_ptr(), means.data_ptr(), int(means.dtype == torch.bfloat16), num_kv_heads, rows, num_clusters,
+        means.shape[2], skip_below, out.data_ptr(),
+    )  # fmt: skip
+    return out

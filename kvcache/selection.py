@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from kvcache import native
 from kvcache.clustering import ClusteredLayer, ranges_to_indices
 
 
@@ -84,7 +85,11 @@ def centroid_logits(query: Tensor, layer: ClusteredLayer, scaling: float) -> Ten
     """q.C_j * scaling: query [Hkv, G, N, D] fp32 -> [Hkv, G, N, C] fp32."""
     num_kv_heads, group, num_queries, head_dim = query.shape
     rows = query.reshape(num_kv_heads, group * num_queries, head_dim)
-    return torch.bmm(rows, layer.centroids_by_dim).view(num_kv_heads, group, num_queries, -1) * scaling
+    if native.supports(layer.keys, 0):  # bf16 centroids for a bf16 cache: half the bytes of this memory-bound pass
+        logits = native.centroid_logits(rows * scaling, layer.compact_centroids)
+    else:
+        logits = torch.bmm(rows, layer.centroids_by_dim) * scaling
+    return logits.view(num_kv_heads, group, num_queries, -1)
 
 
 def cluster_log_weights(query: Tensor, layer: ClusteredLayer, scaling: float) -> Tensor:

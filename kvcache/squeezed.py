@@ -198,7 +198,11 @@ def _estimated_rest(logits: Tensor, selected: Tensor, doc: ClusteredLayer) -> tu
     mass = (logits + doc.log_sizes[:, None, None, :]).masked_fill_(selected[:, None], -math.inf)
     lse = torch.logsumexp(mass, dim=-1)  # [Hkv, G, N]; -inf when every cluster is read
     weights = mass.sub_(lse.masked_fill(lse == -math.inf, 0.0)[..., None]).exp_()
-    out = torch.bmm(weights.view(num_kv_heads, group * num_queries, -1), doc.value_means)  # no broadcast copy
+    weights = weights.view(num_kv_heads, group * num_queries, -1)
+    if native.supports(doc.keys, 0):  # reads only the clusters with weight, bf16 for a bf16 cache
+        out = native.weighted_means(weights, doc.compact_value_means)
+    else:
+        out = torch.bmm(weights, doc.value_means)
     return out[None], lse.reshape(1, num_kv_heads, -1)
 
 

@@ -143,3 +143,62 @@ int range_attention(const float *query, const void *keys, const void *values, in
     }
     return 0;
 }
+
+/* Centroid logits: logits[h, r, c] = query[h, r] . centroids[h, c] for query [Hkv, R, D] fp32 (already scaled)
+ * and centroids [Hkv, C, D] bf16 (as uint16) or fp32. Reading bf16 centroids halves the bytes of this
+ * memory-bound pass; the dot products stay fp32. */
+void centroid_logits(const float *query, const void *centroids, int is_bf16, int64_t num_kv_heads, int64_t rows,
+                     int64_t num_clusters, int64_t dim, float *logits) {
+    float row[MAX_DIM];
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *q = query + h * rows * dim;
+        float *out = logits + h * rows * num_clusters;
+        for (int64_t c = 0; c < num_clusters; c++) {
+            const int64_t at = (h * num_clusters + c) * dim;
+            const float *centroid;
+            if (is_bf16) {
+                bf16_to_f32((const uint16_t *)centroids + at, row, dim);
+                centroid = row;
+            } else {
+                centroid = (const float *)centroids + at;
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < dim; d++) dot += q[r * dim + d] * centroid[d];
+                out[r * num_clusters + c] = dot;
+            }
+        }
+    }
+}
+
+/* out[h, r] = sum_c weights[h, r, c] * means[h, c] for weights [Hkv, R, C] fp32 and means [Hkv, C, D] bf16 or
+ * fp32. A cluster whose weight is below `skip_below` for every row is not read: with weights that sum to 1 per
+ * row, that changes each output by at most C * skip_below times the largest mean. */
+void weighted_means(const float *weights, const void *means, int is_bf16, int64_t num_kv_heads, int64_t rows,
+                    int64_t num_clusters, int64_t dim, float skip_below, float *out) {
+    float row[MAX_DIM];
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *w = weights + h * rows * num_clusters;
+        float *acc = out + h * rows * dim;
+        memset(acc, 0, sizeof(float) * rows * dim);
+        for (int64_t c = 0; c < num_clusters; c++) {
+            float largest = 0.0f;
+            for (int64_t r = 0; r < rows; r++) largest = w[r * num_clusters + c] > largest ? w[r * num_clusters + c] : largest;
+            if (largest < skip_below) continue;
+            const int64_t at = (h * num_clusters + c) * dim;
+            const float *mean;
+            if (is_bf16) {
+                bf16_to_f32((const uint16_t *)means + at, row, dim);
+                mean = row;
+            } else {
+                mean = (const float *)means + at;
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const float p = w[r * num_clusters + c];
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) acc[r * dim + d] += p * mean[d];
+            }
+        }
+    }
+}

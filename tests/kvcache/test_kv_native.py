@@ -152,3 +152,20 @@ def test_rounding_the_probabilities_to_bf16_follows_torchs_bf16_sdpa():
 
     assert mismatched(rounded) < 0.8 * mismatched(exact)
     torch.testing.assert_close(rounded, exact, atol=2e-3, rtol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_centroid_logits_and_weighted_means_match_torch(dtype):
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(NUM_KV_HEADS, 6, HEAD_DIM, generator=generator)
+    centroids = torch.randn(NUM_KV_HEADS, 50, HEAD_DIM, generator=generator).to(dtype)
+    torch.testing.assert_close(
+        native.centroid_logits(query, centroids), query @ centroids.float().transpose(1, 2), atol=1e-4, rtol=1e-5
+    )
+    weights = torch.softmax(4 * torch.randn(NUM_KV_HEADS, 6, 50, generator=generator), dim=-1)
+    means = torch.randn(NUM_KV_HEADS, 50, HEAD_DIM, generator=generator).to(dtype)
+    expected = weights @ means.float()
+    torch.testing.assert_close(native.weighted_means(weights, means, skip_below=0.0), expected, atol=1e-5, rtol=1e-5)
+    # Skipping the clusters below 1e-3 in every row moves each output by at most 50 * 1e-3 * max |mean|.
+    skipped = native.weighted_means(weights, means, skip_below=1e-3)
+    assert (skipped - expected).abs().max() <= 50 * 1e-3 * means.float().abs().max()
