@@ -30,9 +30,9 @@ DENSE_LAYERS = 2
 # Unread clusters can still count, each as its keys at the centroid's logit holding the cluster's mean value
 # (kvcache.squeezed_attention's estimate_rest). Measured on `default/4`: at 32K (`eval.bench_kvcache --plan
 # default/4:32768 --budgets 0.1 0.2 --dense-layers 2 0`) top-1 agreement over 256 steps rose from 96.9 / 91.4%
-# to 97.3 / 96.1% at 10% of the keys with 2 / 0 dense layers; at 128K only from 97.7 / 93.4% to 98.0 / 94.1%,
-# while one layer's attention went from 5.5 / 6.4 to 6.5 / 8.9 ms (4.1-4.4x -> 3.2-3.3x of dense). With the
-# default 2 dense layers that is little gain for its cost, so it is off; it pays where every layer is squeezed.
+# to 97.3 / 96.1% at 10% of the keys with 2 / 0 dense layers; at 128K only from 97.7 / 93.4% to 98.0 / 94.5%,
+# while one layer's attention fell from about 4.0x to 3.2-3.3x of dense. With the default 2 dense layers that
+# is little gain for its cost, so it is off; it pays where every layer is squeezed.
 ESTIMATE_REST = False
 
 
