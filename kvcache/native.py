@@ -84,7 +84,7 @@ def load() -> ctypes.CDLL | None:
         log.warning("native range attention unavailable, squeezed attention falls back to torch: %s", detail)
         return None
     library.range_attention.restype = ctypes.c_int
-    pointers, sizes = [_POINTER] * 4, [_INT64] * 4  # query keys values flag | starts ends offsets mask | sizes
+    pointers, sizes = [_POINTER] * 4, [_INT64] * 4  # query keys values, 2 flags, starts ends offsets mask, sizes
     library.range_attention.argtypes = [
         *pointers[:3],
         ctypes.c_int,

@@ -127,9 +127,7 @@ def _ranges_parts(
         row_mask, round_probs=doc.keys.dtype == torch.bfloat16,  # the rounding the dense bf16 path has
     )  # fmt: skip
     rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
-    mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]
-    tail = _attention_with_lse(rows, tail_keys.to(rows.dtype), tail_values.to(rows.dtype), mask, scaling)
-    return [(doc_out[None], doc_lse[None]), tail]
+    return [(doc_out[None], doc_lse[None]), _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
 
 
 def _gathered_rows(
@@ -281,16 +279,20 @@ def full_document_attention(
     num_kv_heads = doc.keys.shape[0]
     group = num_heads // num_kv_heads
     folded = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
-    doc_out, doc_lse = _attention_with_lse(folded, doc.keys[None], doc.values[None], None, scaling)
-    mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]  # [1, 1, G*N, S]
-    tail_out, tail_lse = _attention_with_lse(
-        folded, tail_keys.to(folded.dtype), tail_values.to(folded.dtype), mask, scaling
-    )
-    out = _merge([(doc_out, doc_lse), (tail_out, tail_lse)])
+    doc_part = _attention_with_lse(folded, doc.keys[None], doc.values[None], None, scaling)
+    out = _merge([doc_part, _tail_part(folded, tail_keys, tail_values, tail_mask, group, scaling)])
     if stats is not None:
         doc_keys = num_kv_heads * doc.num_tokens
         stats.add(doc_keys, num_queries, doc_keys, doc_keys * num_queries)
     return out.reshape(1, num_heads, num_queries, head_dim).to(query.dtype)
+
+
+def _tail_part(
+    rows: Tensor, tail_keys: Tensor, tail_values: Tensor, tail_mask: Tensor | None, group: int, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """Folded query rows [1, Hkv, G*N, D] over the tail under its mask [N, S] -> (out, lse) as one softmax part."""
+    mask = None if tail_mask is None else fold_mask(tail_mask, group)[None, None]  # [1, 1, G*N, S]
+    return _attention_with_lse(rows, tail_keys.to(rows.dtype), tail_values.to(rows.dtype), mask, scaling)
 
 
 def _merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:

@@ -38,6 +38,13 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t count) {
     }
 }
 
+/* `count` floats of `base` (bf16 or fp32) from element `at`: converted into `scratch` for bf16, in place for fp32. */
+static inline const float *as_f32(const void *base, int is_bf16, int64_t at, int64_t count, float *scratch) {
+    if (!is_bf16) return (const float *)base + at;
+    bf16_to_f32((const uint16_t *)base + at, scratch, count);
+    return scratch;
+}
+
 /* Round to the nearest bf16 (ties to even), kept as a float. */
 static inline float round_to_bf16(float value) {
     uint32_t bits;
@@ -117,16 +124,8 @@ int range_attention(const float *query, const void *keys, const void *values, in
             for (int64_t start = starts[i]; start < ends[i]; start += BLOCK) {
                 const int64_t n = ends[i] - start < BLOCK ? ends[i] - start : BLOCK;
                 const int64_t at = head_base + start * dim;
-                const float *k, *v;
-                if (keys_are_bf16) {
-                    bf16_to_f32((const uint16_t *)keys + at, key_block, n * dim);
-                    bf16_to_f32((const uint16_t *)values + at, value_block, n * dim);
-                    k = key_block;
-                    v = value_block;
-                } else {
-                    k = (const float *)keys + at;
-                    v = (const float *)values + at;
-                }
+                const float *k = as_f32(keys, keys_are_bf16, at, n * dim, key_block);
+                const float *v = as_f32(values, keys_are_bf16, at, n * dim, value_block);
                 attend_block(q, active, rows, dim, k, v, n, round_probs, row_max, row_sum, acc);
             }
         }
@@ -154,14 +153,7 @@ void centroid_logits(const float *query, const void *centroids, int is_bf16, int
         const float *q = query + h * rows * dim;
         float *out = logits + h * rows * num_clusters;
         for (int64_t c = 0; c < num_clusters; c++) {
-            const int64_t at = (h * num_clusters + c) * dim;
-            const float *centroid;
-            if (is_bf16) {
-                bf16_to_f32((const uint16_t *)centroids + at, row, dim);
-                centroid = row;
-            } else {
-                centroid = (const float *)centroids + at;
-            }
+            const float *centroid = as_f32(centroids, is_bf16, (h * num_clusters + c) * dim, dim, row);
             for (int64_t r = 0; r < rows; r++) {
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -184,16 +176,12 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
         memset(acc, 0, sizeof(float) * rows * dim);
         for (int64_t c = 0; c < num_clusters; c++) {
             float largest = 0.0f;
-            for (int64_t r = 0; r < rows; r++) largest = w[r * num_clusters + c] > largest ? w[r * num_clusters + c] : largest;
-            if (largest < skip_below) continue;
-            const int64_t at = (h * num_clusters + c) * dim;
-            const float *mean;
-            if (is_bf16) {
-                bf16_to_f32((const uint16_t *)means + at, row, dim);
-                mean = row;
-            } else {
-                mean = (const float *)means + at;
+            for (int64_t r = 0; r < rows; r++) {
+                const float weight = w[r * num_clusters + c];
+                largest = weight > largest ? weight : largest;
             }
+            if (largest < skip_below) continue;
+            const float *mean = as_f32(means, is_bf16, (h * num_clusters + c) * dim, dim, row);
             for (int64_t r = 0; r < rows; r++) {
                 const float p = w[r * num_clusters + c];
 #pragma omp simd
