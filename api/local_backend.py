@@ -65,6 +65,7 @@ from api.errors import IngestCancelled, InvalidParam, NotReady
 from api.settings import Settings
 from api.stops import StopMatcher
 from api.storage import TEXT_FILE, publish_dir
+from kvcache.clustering import ClusterConfig
 from kvcache.selection import SelectionRule
 from kvcache.store import CacheError, CacheKey, ClusteredCache, PrefillCheckpoints, load_cache, save_cache
 from rapid.budget import BudgetPolicy
@@ -216,7 +217,8 @@ class LocalBackend:
         speculation = SpeculationConfig(drafter=settings.drafter, fuse_retrieval=settings.fuse_retrieval,
                                         tree_budget=settings.tree_budget, budget_policy=settings.budget_policy,
                                         layer_skip_layers=settings.layer_skip_layers, eta=settings.eta)
-        squeeze = SqueezeConfig(budget=settings.squeeze_budget, rule=settings.squeeze_rule,
+        squeeze = SqueezeConfig(ClusterConfig(recent_tokens=settings.squeeze_recent_tokens),
+                                budget=settings.squeeze_budget, rule=settings.squeeze_rule,
                                 dense_layers=settings.squeeze_dense_layers,
                                 estimate_rest=settings.squeeze_estimate_rest)
         document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
@@ -555,6 +557,7 @@ class LocalBackend:
         if self.config.document_cache.attention == "squeezed":
             squeeze = self.config.document_cache.squeeze
             document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len, sink_tokens=squeeze.sink_tokens,
+                                        recent_tokens=squeeze.cluster.recent_tokens,
                                         dense_layers=squeeze.dense_layers, estimate_rest=squeeze.estimate_rest)
             yield self.runner.new_tail_cache(document, tail), request.query_ids
             return

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     squeeze_estimate_rest: bool = Field(  # default = rapid.squeeze.ESTIMATE_REST
         default=False, description="'squeezed': count the clusters a query does not read by their centroid and "
         "mean value instead of ignoring them")
+    squeeze_recent_tokens: int = Field(  # default = rapid.squeeze.RECENT_TOKENS
+        default=1024, ge=0, description="'squeezed': the document's last positions form one cluster that every "
+        "query reads (decode queries attend to them by position)")
 
     @model_validator(mode="after")
     def _calibrated_budget(self):

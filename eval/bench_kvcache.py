@@ -28,6 +28,7 @@ import torch
 
 from eval.bench_decode import native_context, yarn_for
 from kvcache import native
+from kvcache.clustering import ClusterConfig
 from kvcache.gqa import grouped_sdpa
 from kvcache.squeezed import SqueezeStats, squeezed_attention
 from rapid.drafters.model import layer_skip_view
@@ -35,6 +36,7 @@ from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
 from rapid.squeeze import (
     DENSE_LAYERS,
+    RECENT_TOKENS,
     QueryRecorder,
     SqueezeConfig,
     SqueezedDocument,
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=["ignore", "estimate"],
                         help="one row per value: the clusters a query does not read weigh nothing, or are "
                              "estimated by centroid and mean value")
+    parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS,
+                        help="the document's last positions form one cluster every query reads (0: none)")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
-    config = SqueezeConfig()
+    config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens))
     settings = [(budget, dense, rest == "estimate") for budget in args.budgets for dense in args.dense_layers
                 for rest in args.rest]
     rows = []
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         common = {"model": model, "context": len(ids), "rope_scaling": rope,
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
-               "clusters_per_layer": document.clustered.layers[0].num_clusters}
+               "clusters_per_layer": document.clustered.layers[0].num_clusters, "recent_tokens": args.recent_tokens}
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)

@@ -48,6 +48,9 @@ class ClusterConfig:
         into about sqrt(C) groups and then each group into its share of the C clusters: per iteration
         T * 2 sqrt(C) similarities instead of T * C (at 128K, C = 6554: 162 instead of 6554 per key).
         None: always one flat k-means.
+    recent_tokens: the document's last R positions are not clustered but form one cluster of their own
+        (the whole document when it is no longer), so a reader can take that window whole: decode queries
+        attend to their neighbourhood by position more than by direction (see rapid.squeeze.RECENT_TOKENS).
     """
 
     fraction: float = 0.05
@@ -59,6 +62,7 @@ class ClusterConfig:
     coarse_fraction: float | None = None
     backend: Literal["sklearn", "torch"] = "torch"
     two_level_from: int | None = 256
+    recent_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -73,6 +77,8 @@ class ClusterConfig:
             raise ValueError(f"coarse_fraction must be in (0, 1) or None, got {self.coarse_fraction}")
         if self.backend not in ("sklearn", "torch"):
             raise ValueError(f"backend must be 'sklearn' or 'torch', got {self.backend!r}")
+        if self.recent_tokens < 0:
+            raise ValueError(f"recent_tokens must be >= 0, got {self.recent_tokens}")
 
     def num_clusters(self, num_tokens: int) -> int:
         """Fine cluster count for a document of `num_tokens` tokens."""
@@ -181,11 +187,20 @@ def ranges_to_indices(offsets: Tensor, selected: Tensor) -> Tensor:
 def cluster_layer(keys: Tensor, values: Tensor, config: ClusterConfig) -> ClusteredLayer:
     """Cluster one layer's document keys per KV head and reorder keys and values by cluster.
 
-    keys, values [Hkv, T, D] (keys after RoPE), any float dtype; the result keeps their dtype.
+    keys, values [Hkv, T, D] (keys after RoPE), any float dtype; the result keeps their dtype. With
+    config.recent_tokens = R, k-means clusters the first T - R keys and the last R form one more cluster.
     """
     assert keys.dim() == 3 and keys.shape == values.shape, f"{keys.shape} vs {values.shape}"
-    num_clusters = config.num_clusters(keys.shape[1])
-    assignments = kmeans(keys, num_clusters, config)  # [Hkv, T]
+    num_heads, num_tokens, _ = keys.shape
+    clustered = num_tokens - min(config.recent_tokens, num_tokens)  # keys before the recent window
+    num_clusters, assignments = 0, torch.empty(num_heads, 0, dtype=torch.int64, device=keys.device)
+    if clustered:
+        num_clusters = config.num_clusters(clustered)
+        assignments = kmeans(keys[:, :clustered], num_clusters, config)  # [Hkv, T - R]
+    if clustered < num_tokens:  # the window is cluster number C
+        window = torch.full((num_heads, num_tokens - clustered), num_clusters, device=keys.device)
+        assignments = torch.cat([assignments, window], dim=1)
+        num_clusters += 1
     if config.coarse_fraction is None:
         return layer_from_assignments(keys, values, assignments, num_clusters)
     fine_centroids = _cluster_means(keys.float(), assignments, num_clusters)  # [Hkv, C, D]

@@ -46,7 +46,8 @@ def test_invalid_settings_are_refused(tmp_path):
 
 
 def test_squeeze_defaults_follow_rapid_squeeze():
-    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST
+    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, RECENT_TOKENS
 
     settings = Settings()
     assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_estimate_rest == ESTIMATE_REST
+    assert settings.squeeze_recent_tokens == RECENT_TOKENS

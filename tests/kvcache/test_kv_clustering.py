@@ -25,6 +25,7 @@ def test_config_validates_and_bounds_cluster_count():
         dict(iterations=0),
         dict(coarse_fraction=1.0),
         dict(backend="faiss"),
+        dict(recent_tokens=-1),
     ):
         with pytest.raises(ValueError):
             ClusterConfig(**bad)
@@ -69,6 +70,29 @@ def test_cluster_layer_invariants():
                 torch.testing.assert_close(member_values.mean(0), layer.value_means[head, cluster])
     restored_keys, restored_values = layer.original_order()
     assert torch.equal(restored_keys, keys) and torch.equal(restored_values, values)
+
+
+@pytest.mark.parametrize("coarse_fraction", [None, 0.2])
+def test_recent_window_is_one_cluster_of_its_own(coarse_fraction):
+    keys, _, _ = planted_keys(1000, num_directions=12, seed=0)
+    values = torch.randn_like(keys)
+    config = ClusterConfig(fraction=0.05, recent_tokens=100, coarse_fraction=coarse_fraction)
+    layer = cluster_layer(keys, values, config)
+    assert layer.num_clusters == config.num_clusters(900) + 1 == 46
+    for head in range(NUM_KV_HEADS):
+        (window,) = torch.nonzero(layer.sizes[head] == 100).flatten().tolist()  # no k-means cluster is that large
+        start, end = layer.offsets[head, window], layer.offsets[head, window + 1]
+        assert sorted(layer.permutation[head, start:end].tolist()) == list(range(900, 1000))
+        torch.testing.assert_close(layer.centroids[head, window], keys[head, 900:].mean(0))
+    restored_keys, restored_values = layer.original_order()
+    assert torch.equal(restored_keys, keys) and torch.equal(restored_values, values)
+
+
+def test_recent_window_covering_the_document_is_its_only_cluster():
+    keys, _, _ = planted_keys(50, num_directions=2, seed=0)
+    layer = cluster_layer(keys, keys, ClusterConfig(recent_tokens=64))
+    assert layer.sizes.tolist() == [[50]] * NUM_KV_HEADS
+    assert torch.equal(layer.original_order()[0], keys)
 
 
 def test_cluster_layer_keeps_the_cache_dtype():

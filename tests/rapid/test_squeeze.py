@@ -66,6 +66,21 @@ def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, docu
     assert 1 / 3 < one.stats.read_fraction < 1.0
 
 
+def test_recent_window_is_always_read(tiny_runner, document):
+    import dataclasses
+
+    config = SqueezeConfig(dataclasses.replace(CLUSTERS, recent_tokens=24), budget=0.05, rule="top",
+                           calibration_window=32, sink_tokens=0, dense_layers=0)
+    squeezed, _ = squeeze_document(tiny_runner, document, config)
+    assert squeezed.recent_tokens == squeezed.with_budget(0.05, "top").recent_tokens == 24
+    for layer, pinned in zip(squeezed.clustered.layers, squeezed.always_read, strict=True):
+        assert torch.equal(pinned.sum(dim=1), torch.ones(pinned.shape[0], dtype=torch.int64))  # the window alone
+        assert torch.equal(layer.sizes[pinned], torch.full((pinned.shape[0],), 24))
+    tiny_runner.decode(tiny_runner.new_tail_cache(squeezed, 8), 5)
+    num_layers = len(squeezed.clustered.layers)
+    assert squeezed.stats.keys_read >= 24 * squeezed.always_read[0].shape[0] * num_layers
+
+
 def test_budget_one_greedy_equals_dense_greedy(tiny_runner, document):
     question = [30, 31, 32]
     squeezed, _ = squeeze_document(tiny_runner, document, SqueezeConfig(CLUSTERS, budget=1.0, rule="top",
@@ -91,15 +106,17 @@ def test_dense_cache_from_clusters_equals_the_prefilled_cache(tiny_runner, docum
     torch.testing.assert_close(tiny_runner.decode(rebuilt, 5), tiny_runner.decode(prefilled, 5))
 
 
-def test_sink_clusters_worked_example():
+def test_pinned_clusters_worked_example():
     from kvcache.clustering import layer_from_assignments
-    from rapid.squeeze import sink_clusters
+    from rapid.squeeze import pinned_clusters
 
     keys = torch.randn(1, 5, 4)
     layer = layer_from_assignments(keys, keys, torch.tensor([[2, 0, 2, 0, 0]]), 3)
     assert layer.permutation.tolist() == [[1, 3, 4, 0, 2]]
-    assert sink_clusters(layer, 1).tolist() == [[False, False, True]]
-    assert sink_clusters(layer, 2).tolist() == [[True, False, True]]
+    assert pinned_clusters(layer, 1).tolist() == [[False, False, True]]
+    assert pinned_clusters(layer, 2).tolist() == [[True, False, True]]
+    assert pinned_clusters(layer, 0, recent_tokens=1).tolist() == [[True, False, False]]
+    assert pinned_clusters(layer, 1, recent_tokens=1).tolist() == [[True, False, True]]
 
 
 class Interrupted(Exception):
