@@ -96,6 +96,8 @@ def load() -> ctypes.CDLL | None:
     ]
     library.centroid_logits.restype = None
     library.centroid_logits.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, _POINTER]
+    library.select_ranges.restype = _INT64
+    library.select_ranges.argtypes = [*pointers, _POINTER, *sizes, *pointers, _POINTER]
     library.weighted_means.restype = None
     library.weighted_means.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, ctypes.c_float, _POINTER]
     return library
@@ -132,8 +134,8 @@ def range_attention(
     assert range_offsets.shape == (num_kv_heads + 1,) and starts.shape == ends.shape
     assert starts.dtype == ends.dtype == range_offsets.dtype == torch.int64
     query, starts, ends, range_offsets = (t.contiguous() for t in (query.float(), starts, ends, range_offsets))
-    mask = None if row_mask is None else row_mask.to(torch.uint8).contiguous()
-    assert mask is None or mask.shape == (starts.shape[0], rows)
+    mask = None if row_mask is None else row_mask.contiguous()  # bool is one byte, 0 or 1: the kernel's uint8
+    assert mask is None or (mask.dtype == torch.bool and mask.shape == (starts.shape[0], rows))
     out = torch.empty(num_kv_heads, rows, dim)
     lse = torch.empty(num_kv_heads, rows)
     status = library.range_attention(
@@ -143,6 +145,42 @@ def range_attention(
     )  # fmt: skip
     assert status == 0, f"range_attention refused rows={rows} dim={dim}"
     return out, lse.masked_fill_(lse <= EMPTY_LSE / 2, -math.inf)
+
+
+def select_ranges(
+    logits: Tensor,  # [Hkv, G*N, C] fp32 centroid logits q.C_j * scaling, rows g*N + n
+    thresholds: Tensor,  # [Hkv] fp32 thresholds on log S_j
+    sizes: Tensor,  # [Hkv, C] int64
+    offsets: Tensor,  # [Hkv, C+1] int64
+    pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
+    queries: int,  # N
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, int, int]:
+    """The threshold rule's ranges (see select_ranges in csrc/range_attention.c), ready for range_attention:
+    starts [Q], ends [Q], range_offsets [Hkv+1], row_mask [Q, G*N] bool (None for one query), keys read (the
+    union over queries) and keys selected (summed over queries)."""
+    library = load()
+    assert library is not None, "select_ranges called without the native library; check supports() first"
+    num_kv_heads, rows, num_clusters = logits.shape
+    assert logits.dtype == torch.float32 and rows % queries == 0 and rows <= MAX_ROWS
+    assert sizes.shape == (num_kv_heads, num_clusters) and offsets.shape == (num_kv_heads, num_clusters + 1)
+    assert pinned is None or (pinned.dtype == torch.bool and pinned.shape == sizes.shape)
+    logits, thresholds = logits.contiguous(), thresholds.float().clamp(-1e30, 1e30).contiguous()  # no infinities
+    sizes, offsets = sizes.contiguous(), offsets.contiguous()
+    pinned = None if pinned is None else pinned.contiguous()
+    starts = torch.empty(num_kv_heads * num_clusters, dtype=torch.int64)
+    ends = torch.empty_like(starts)
+    range_offsets = torch.empty(num_kv_heads + 1, dtype=torch.int64)
+    row_mask = None if queries == 1 else torch.empty(num_kv_heads * num_clusters, rows, dtype=torch.bool)
+    counts = torch.empty(2, dtype=torch.int64)
+    count = library.select_ranges(
+        logits.data_ptr(), thresholds.data_ptr(), sizes.data_ptr(), offsets.data_ptr(),
+        None if pinned is None else pinned.data_ptr(), num_kv_heads, rows // queries, queries, num_clusters,
+        starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if row_mask is None else row_mask.data_ptr(),
+        counts.data_ptr(),
+    )  # fmt: skip
+    assert count >= 0, f"select_ranges refused {rows} rows"
+    mask = None if row_mask is None else row_mask[:count]
+    return starts[:count], ends[:count], range_offsets, mask, int(counts[0]), int(counts[1])
 
 
 def centroid_logits(query: Tensor, centroids: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ keys of the clusters the queries selected (contiguous slices of the cluster-orde
 only its own clusters. Two paths compute it exactly:
   - native (CPU, bf16 or fp32 caches, kvcache.native): a C kernel reads the selected slices in place
     with an fp32 online softmax; SDPA attends over the tail (question, generated tokens, tree nodes,
-    under the tree mask); the two parts merge by their log-sum-exp;
+    under the tree mask); the two parts merge by their log-sum-exp. For the default threshold rule C
+    also scores the centroids and turns the scores into key ranges (about 10% of a 128K decode's
+    attention time went to the dozen torch ops that did it);
   - gathered (anywhere else, or without a C compiler): the selected rows are copied into one buffer
     followed by the tail, and one SDPA call attends over it under one mask.
 Scoring the centroids is fp32.
@@ -25,7 +27,7 @@ from torch import Tensor
 from kvcache import native
 from kvcache.clustering import ClusteredLayer
 from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
-from kvcache.selection import SelectionRule, padded_ranges, score_clusters
+from kvcache.selection import SelectionRule, ThresholdRule, centroid_logits, padded_ranges, score_clusters
 
 
 @dataclass
@@ -84,47 +86,78 @@ def squeezed_attention(
     assert num_heads % num_kv_heads == 0, f"{num_heads} query heads for {num_kv_heads} kv heads"
     group = num_heads // num_kv_heads
     q = query[0].float().view(num_kv_heads, group, num_queries, head_dim)
+    native_path = native.supports(doc.keys, group * num_queries)
 
-    selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
-    if always_read is not None:
-        selected = selected | always_read[:, None, :]
-    union = selected.any(dim=1)  # [Hkv, C], the clusters read
-    if native.supports(doc.keys, group * num_queries):
-        parts = _ranges_parts(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
-    elif estimate_rest:
-        parts = [_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)]
+    if native_path and not estimate_rest and _flat_threshold(rule, doc):  # scoring and selection in C as well
+        logits = centroid_logits(q, doc, scaling).view(num_kv_heads, group * num_queries, -1)
+        *ranges, keys_read, keys_selected = native.select_ranges(
+            logits, rule.log_thresholds, doc.sizes, doc.offsets, always_read, num_queries
+        )
+        parts = _ranges_parts(query, doc, KeyRanges(*ranges), tail_keys, tail_values, tail_mask, scaling)
     else:
-        parts = []
-        out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
-    if estimate_rest:
-        parts.append(_estimated_rest(logits, selected, doc))
+        selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
+        if always_read is not None:
+            selected = selected | always_read[:, None, :]
+        union = selected.any(dim=1)  # [Hkv, C], the clusters read
+        if stats is not None:
+            keys_read, keys_selected = int((union * doc.sizes).sum()), int((selected * doc.sizes[:, None, :]).sum())
+        if native_path:
+            ranges = KeyRanges.of(doc, selected, union, group)
+            parts = _ranges_parts(query, doc, ranges, tail_keys, tail_values, tail_mask, scaling)
+        elif estimate_rest:
+            parts = [_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)]
+        else:
+            parts = []
+            out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+        if estimate_rest:
+            parts.append(_estimated_rest(logits, selected, doc))
     if parts:
         out = _merge(parts).reshape(query.shape).to(query.dtype)
 
     if stats is not None:
-        selected_keys = int((selected * doc.sizes[:, None, :]).sum())
-        stats.add(num_kv_heads * doc.num_tokens, num_queries, int((union * doc.sizes).sum()), selected_keys)
+        stats.add(num_kv_heads * doc.num_tokens, num_queries, keys_read, keys_selected)
     return out
 
 
+def _flat_threshold(rule: SelectionRule, doc: ClusteredLayer) -> bool:
+    """Whether `rule` is a threshold on the centroid scores with no coarse level in the way (native selection)."""
+    return isinstance(rule, ThresholdRule) and (rule.expand_fraction is None or doc.coarse is None)
+
+
+@dataclass(frozen=True)
+class KeyRanges:
+    """The document clusters some query reads, as key ranges in head-major order (kv head h owns ranges
+    range_offsets[h]:range_offsets[h+1]) and, for N > 1 queries, which query rows read each range."""
+
+    starts: Tensor  # [Q] int64
+    ends: Tensor  # [Q] int64
+    range_offsets: Tensor  # [Hkv+1] int64
+    row_mask: Tensor | None  # [Q, G*N] bool (rows g*N + n); None: every row reads every range
+
+    @classmethod
+    def of(cls, doc: ClusteredLayer, selected: Tensor, union: Tensor, group: int) -> KeyRanges:
+        """From the selection [Hkv, N, C] and its union over queries [Hkv, C]."""
+        num_kv_heads, num_queries, _ = selected.shape
+        heads, clusters = union.nonzero(as_tuple=True)  # head-major, so each head's ranges are consecutive
+        range_offsets = torch.zeros(num_kv_heads + 1, dtype=torch.int64)
+        range_offsets[1:] = torch.bincount(heads, minlength=num_kv_heads).cumsum(0)
+        row_mask = None if num_queries == 1 else selected[heads, :, clusters].repeat(1, group)  # [Q, G*N]
+        return cls(doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets, row_mask)
+
+
 def _ranges_parts(
-    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, tail_keys: Tensor, tail_values: Tensor,
+    query: Tensor, doc: ClusteredLayer, ranges: KeyRanges, tail_keys: Tensor, tail_values: Tensor,
     tail_mask: Tensor | None, scaling: float,
 ) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
-    """The native path: the kernel reads the selected clusters in place, SDPA the tail; each part as
-    (out [1, Hkv, G*N, D], lse [1, Hkv, G*N]). Each query row reads only its own clusters (a row mask
-    per range when N > 1)."""
+    """The native path: the kernel reads the ranges in place, SDPA the tail; each part as
+    (out [1, Hkv, G*N, D], lse [1, Hkv, G*N])."""
     _, num_heads, num_queries, head_dim = query.shape
     num_kv_heads = doc.keys.shape[0]
     group = num_heads // num_kv_heads
-    heads, clusters = union.nonzero(as_tuple=True)  # head-major, so each head's ranges are consecutive
-    range_offsets = torch.zeros(num_kv_heads + 1, dtype=torch.int64)
-    range_offsets[1:] = torch.bincount(heads, minlength=num_kv_heads).cumsum(0)
-    row_mask = None if num_queries == 1 else selected[heads, :, clusters].repeat(1, group)  # [Q, G*N]
     folded = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim) * scaling
     doc_out, doc_lse = native.range_attention(
-        folded, doc.keys, doc.values, doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets,
-        row_mask, round_probs=doc.keys.dtype == torch.bfloat16,  # the rounding the dense bf16 path has
+        folded, doc.keys, doc.values, ranges.starts, ranges.ends, ranges.range_offsets, ranges.row_mask,
+        round_probs=doc.keys.dtype == torch.bfloat16,  # the rounding the dense bf16 path has
     )  # fmt: skip
     rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
     return [(doc_out[None], doc_lse[None]), _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]

@@ -190,3 +190,65 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
         }
     }
 }
+
+/* The threshold rule (kvcache.selection.ThresholdRule, flat lookup) straight from centroid logits to key ranges.
+ * For kv head h and query row r (rows g*N + n: the G heads of query n), with N_j the cluster sizes,
+ *   cutoff[r] = threshold[h] + log sum_j N_j exp(logit[r, j]),
+ * so logit[r, j] >= cutoff[r] is log S_j >= threshold. Query n reads a non-empty cluster j when some head g of its
+ * group has logit[g*N + n, j] >= cutoff[g*N + n], or when j is pinned. For each head, in cluster order, every
+ * cluster some query reads becomes one range offsets[j] .. offsets[j+1]; with row_mask, mask[q, g*N + n] says
+ * whether query n reads range q (every head g of its group alike).
+ *   logits [Hkv, G*N, C] fp32, thresholds [Hkv] fp32, sizes [Hkv, C] int64, offsets [Hkv, C+1] int64,
+ *   pinned [Hkv, C] uint8 or NULL; out: starts / ends [Hkv*C], range_offsets [Hkv+1], row_mask [Hkv*C, G*N]
+ *   or NULL (then N must be 1), counts [2] = keys read (the union over queries) and keys selected (summed over
+ *   queries). Returns the number of ranges, or -1 when G*N exceeds MAX_ROWS. */
+int64_t select_ranges(const float *logits, const float *thresholds, const int64_t *sizes, const int64_t *offsets,
+                      const uint8_t *pinned, int64_t num_kv_heads, int64_t group, int64_t queries,
+                      int64_t num_clusters, int64_t *starts, int64_t *ends, int64_t *range_offsets, uint8_t *row_mask,
+                      int64_t *counts) {
+    const int64_t rows = group * queries;
+    if (rows > MAX_ROWS || (!row_mask && queries != 1)) return -1;
+    static _Thread_local float cutoff[MAX_ROWS];
+    static _Thread_local uint8_t reads[MAX_ROWS];
+    int64_t count = 0;
+    counts[0] = counts[1] = 0;
+    range_offsets[0] = 0;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *head_logits = logits + h * rows * num_clusters;
+        const int64_t *head_sizes = sizes + h * num_clusters;
+        for (int64_t r = 0; r < rows; r++) {
+            const float *row = head_logits + r * num_clusters;
+            float top = NEG_BIG;
+            for (int64_t j = 0; j < num_clusters; j++)
+                if (head_sizes[j] > 0 && row[j] > top) top = row[j];
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < num_clusters; j++) sum += (float)head_sizes[j] * expf(row[j] - top);
+            cutoff[r] = thresholds[h] + top + logf(sum);
+        }
+        for (int64_t j = 0; j < num_clusters; j++) {
+            if (head_sizes[j] == 0) continue;
+            const int always = pinned && pinned[h * num_clusters + j];
+            int64_t readers = 0;
+            for (int64_t n = 0; n < queries; n++) {
+                int read = always;
+                for (int64_t g = 0; g < group && !read; g++) {
+                    const int64_t r = g * queries + n;
+                    read = head_logits[r * num_clusters + j] >= cutoff[r];
+                }
+                reads[n] = (uint8_t)read;
+                readers += read;
+            }
+            if (readers == 0) continue;
+            starts[count] = offsets[h * (num_clusters + 1) + j];
+            ends[count] = offsets[h * (num_clusters + 1) + j + 1];
+            if (row_mask)
+                for (int64_t g = 0; g < group; g++) memcpy(row_mask + count * rows + g * queries, reads, queries);
+            counts[0] += head_sizes[j];
+            counts[1] += readers * head_sizes[j];
+            count++;
+        }
+        range_offsets[h + 1] = count;
+    }
+    return count;
+}

@@ -169,3 +169,40 @@ def test_centroid_logits_and_weighted_means_match_torch(dtype):
     # Skipping the clusters below 1e-3 in every row moves each output by at most 50 * 1e-3 * max |mean|.
     skipped = native.weighted_means(weights, means, skip_below=1e-3)
     assert (skipped - expected).abs().max() <= 50 * 1e-3 * means.float().abs().max()
+
+
+@pytest.mark.parametrize("num_queries", [1, 5])
+def test_native_threshold_selection_equals_torchs(num_queries):
+    from kvcache.clustering import layer_from_assignments
+    from kvcache.selection import ThresholdRule, centroid_logits, cluster_log_weights, score_clusters
+    from kvcache.squeezed import KeyRanges
+
+    generator = torch.Generator().manual_seed(3)
+    group, num_clusters = 2, 40
+    keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator)
+    assignments = torch.randint(0, num_clusters // 2, (NUM_KV_HEADS, NUM_TOKENS), generator=generator) * 2
+    layer = layer_from_assignments(keys, keys, assignments, num_clusters)  # odd clusters stay empty
+    query = torch.randn(NUM_KV_HEADS, group, num_queries, HEAD_DIM, generator=generator)
+    pinned = torch.zeros(NUM_KV_HEADS, num_clusters, dtype=torch.bool)
+    pinned[:, [4, 7]] = True  # one full, one empty
+    scores = cluster_log_weights(query, layer, HEAD_DIM**-0.5).amax(dim=1)[:, :, ::2].flatten(1)  # non-empty
+    ordered = scores.sort(dim=1).values
+    half = ordered.shape[1] // 2  # about half of them read; halfway between two scores, so rounding cannot tie
+    middle = (ordered[:, half - 1] + ordered[:, half]) / 2
+    for thresholds in (middle, torch.full((3,), -math.inf), torch.full((3,), math.inf)):
+        rule = ThresholdRule(thresholds)
+        selected = score_clusters(query, layer, rule, HEAD_DIM**-0.5)[0] | pinned[:, None, :]
+        selected &= layer.sizes[:, None, :] > 0
+        union = selected.any(dim=1)
+        expected = KeyRanges.of(layer, selected, union, group)
+        logits = centroid_logits(query, layer, HEAD_DIM**-0.5).view(NUM_KV_HEADS, group * num_queries, -1)
+        *ranges, keys_read, keys_selected = native.select_ranges(
+            logits, thresholds, layer.sizes, layer.offsets, pinned, num_queries
+        )
+        wanted = (expected.starts, expected.ends, expected.range_offsets, expected.row_mask)
+        for ours, theirs in zip(ranges, wanted, strict=True):
+            assert (ours is None and theirs is None) or torch.equal(ours, theirs)
+        assert keys_read == int((union * layer.sizes).sum())
+        assert keys_selected == int((selected * layer.sizes[:, None, :]).sum())
+        if thresholds is middle:
+            assert 0.2 < selected.float().mean() / (layer.sizes > 0).float().mean() < 0.8
