@@ -5,8 +5,8 @@ keys (timed against the prefill), then in one process:
   - attention-only latency of one layer (our dense SDPA over every key vs squeezed_attention over the
     clusters; with the native kernel, also that kernel over every key, to show its per-key cost);
   - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
-    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement and max
-    logit difference per step;
+    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement, max
+    logit difference per step, and at each disagreement the gap between the dense run's top two logits;
   - needle-in-a-haystack accuracy, dense vs squeezed, for models with real weights.
 A model written `default/4` is the default model cut to its first 4 layers (real weights, its final norm
 and head, YaRN past 8K): the shapes of the `long-bench` preset, so 64K-128K fit on this CPU, but with a
@@ -107,7 +107,7 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
     tail = runner.new_tail_cache(document, steps + 1)
     document.stats = SqueezeStats()
     token = int(first_logits.argmax())
-    dense_times, squeezed_times, agree, max_diff = [], [], 0, 0.0
+    dense_times, squeezed_times, agree, max_diff, miss_margins = [], [], 0, 0.0, []
     for _ in range(steps):
         start = time.perf_counter()
         dense_logits = runner.decode(dense, token)
@@ -115,13 +115,18 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
         start = time.perf_counter()
         squeezed_logits = runner.decode(tail, token)
         squeezed_times.append(time.perf_counter() - start)
-        agree += int(dense_logits.argmax() == squeezed_logits.argmax())
+        if dense_logits.argmax() == squeezed_logits.argmax():
+            agree += 1
+        else:  # how close the dense run's own top two were: a near tie flips under any small change
+            top_two = dense_logits.float().topk(2).values
+            miss_margins.append(round(float(top_two[0] - top_two[1]), 4))
         max_diff = max(max_diff, float((dense_logits.float() - squeezed_logits.float()).abs().max()))
         token = int(dense_logits.argmax())
     dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
     return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
             "step_speedup": dense_step / squeezed_step, "top1_agreement": agree / steps,
-            "max_logit_diff": max_diff, "kv_read_fraction": document.stats.read_fraction}
+            "max_logit_diff": max_diff, "kv_read_fraction": document.stats.read_fraction,
+            "miss_dense_margins": sorted(miss_margins)}
 
 
 @torch.inference_mode()

@@ -12,6 +12,8 @@ def test_bench_kvcache_reports_one_row_per_setting():
     for row in rows:
         assert row["context"] == 600 and 0 < row["kv_read_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1
         assert row["prefill_s"] > 0 and row["dense_step_ms"] > 0 and row["squeezed_step_ms"] > 0
+        margins = row["miss_dense_margins"]  # one per step where squeezed and dense disagree
+        assert len(margins) == round(4 * (1 - row["top1_agreement"])) and all(m >= 0 for m in margins)
 
 
 def test_bench_spec_checks_every_method_against_ar():
