@@ -56,12 +56,8 @@ def text_of(tokenizer, num_tokens: int) -> str:
 
 
 def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of `fn` over `repeats` calls."""
+    return interleaved_medians({"fn": fn}, repeats)["fn"]
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
