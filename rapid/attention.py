@@ -24,8 +24,9 @@ ATTENTION_NAME = "rapid"
 
 def rapid_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Boolean mask [B, 1, q, kv] (True = attend), or None when one query sees every key."""
-    if q_length == 1 and (attention_mask is None or bool(attention_mask.all())):
+    """Boolean mask [B, 1, q, kv] (True = attend), or None when one query sees every key (no padding rows
+    after it, see rapid.cache.KV_BLOCK)."""
+    if q_length == 1 and kv_length == q_offset + 1 and (attention_mask is None or bool(attention_mask.all())):
         return None
     kwargs["allow_is_causal_skip"] = False  # SDPA's is_causal aligns top-left: wrong with a cache
     return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

@@ -7,6 +7,13 @@ a view of only the filled prefix, so a decode step reads exactly the tokens that
 Layout per layer: keys / values `[B, Hkv, capacity, D]`; `length` tokens are valid.
 Speculative decoding appends a tree of N nodes, then `commit` keeps the accepted nodes' KV and drops
 the rest with one small gather inside the tail, never touching the prefix.
+
+Attention sees the filled prefix padded to a multiple of KV_BLOCK rows, the padding masked out. torch's
+CPU flash kernel splits the keys into blocks of 512, and a query's result depends on how wide its last
+block is: without the padding, the row of a tree node and the one-token step of the same token ended in
+blocks of different widths and differed in the last bit, which bf16 turned into different greedy tokens
+after some steps. With it, every query of a forward reads the same full blocks, so a verified tree
+node's logits equal the decode step's bit for bit (tests/rapid/test_cache.py).
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+KV_BLOCK = 512  # torch's CPU flash attention key block (kvSplitSize) for fewer than 768 queries
+
 
 class CacheFullError(RuntimeError):
     """More tokens were appended than the cache was allocated for."""
+
+
+def padded(length: int) -> int:
+    """`length` rounded up to a whole number of KV_BLOCK rows."""
+    return -(-length // KV_BLOCK) * KV_BLOCK
 
 
 class PreallocatedLayer(CacheLayerMixin):
@@ -31,10 +45,11 @@ class PreallocatedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
-        shape = (batch, heads, self.capacity, head_dim)
+        shape = (batch, heads, padded(self.capacity), head_dim)
         self.device = key_states.device
-        self.keys = torch.empty(shape, dtype=key_states.dtype, device=self.device)
-        self.values = torch.empty((*shape[:3], value_states.shape[-1]), dtype=value_states.dtype,
+        # zeros, not empty: masked padding rows still meet the values (0 * NaN would be NaN)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros((*shape[:3], value_states.shape[-1]), dtype=value_states.dtype,
                                   device=self.device)
         self.is_initialized = True
 
@@ -47,10 +62,10 @@ class PreallocatedLayer(CacheLayerMixin):
         self.keys[:, :, start:end] = key_states
         self.values[:, :, start:end] = value_states
         self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys[:, :, : padded(end)], self.values[:, :, : padded(end)]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return padded(self.length + query_length), 0
 
     def get_seq_length(self) -> int:
         return self.length

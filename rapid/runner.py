@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from rapid.cache import KVCache
+from rapid.cache import KVCache, padded
 
 
 class ModelRunner:
@@ -98,8 +98,10 @@ class ModelRunner:
         nodes themselves) each node sees.
         """
         n = tokens.shape[0]
-        mask = torch.ones(1, 1, n, cache.length + n, dtype=torch.bool, device=self.device)
-        mask[0, 0, :, tail_start:] = tail_mask.to(self.device)
+        end = cache.length + n
+        mask = torch.zeros(1, 1, n, padded(end), dtype=torch.bool, device=self.device)  # padding rows masked
+        mask[0, 0, :, :tail_start] = True
+        mask[0, 0, :, tail_start:end] = tail_mask.to(self.device)
         return self._forward(cache, tokens.to(self.device)[None], positions.to(self.device)[None], attention_mask=mask)
 
     def score_tree(self, cache: KVCache, tokens: torch.Tensor, depths: torch.Tensor,
