@@ -2,8 +2,6 @@ import pytest
 import torch
 
 from rapid.cache import KV_BLOCK, CacheFullError, KVCache
-from rapid.models import ModelSpec, load_model
-from rapid.runner import ModelRunner
 
 
 def _decode_path(runner, prompt, path):
@@ -78,13 +76,12 @@ def test_cache_reports_lengths():
     assert cache.length == 0 and cache.get_seq_length() == 0 and cache.get_max_length() == 16
 
 
-def test_bf16_tree_rows_equal_decode_steps_bit_for_bit():
+def test_bf16_tree_rows_equal_decode_steps_bit_for_bit(tiny_bf16_runner, path_tree):
     """With the cache padded to whole KV blocks, a branching tree's nodes on the greedy path get exactly the
     logits of one-token steps, and so does the step after committing them: bf16 speculation stays identical
     to bf16 decoding. The prompt ends inside a block and the tree crosses into the next one."""
-    lm = load_model(ModelSpec("tiny", device="cpu", dtype="bfloat16"))
-    runner = ModelRunner(lm.model, prefill_chunk=256)
-    prompt = torch.randint(0, 250, (KV_BLOCK - 3,)).tolist()
+    runner = tiny_bf16_runner
+    prompt = torch.randint(0, 250, (KV_BLOCK - 3,), generator=torch.Generator().manual_seed(0)).tolist()
     cache = runner.new_cache(KV_BLOCK * 2)
     token = int(runner.prefill(cache, prompt).argmax())
     path, steps = [], []
@@ -94,17 +91,7 @@ def test_bf16_tree_rows_equal_decode_steps_bit_for_bit():
         token = int(steps[-1].argmax())
     after = runner.decode(cache, token)
     cache.truncate(len(prompt))
-    # the path sits at slots 0, 2, 3, 5, 7; the other slots are siblings with other tokens
-    slots, parents = [0, 2, 3, 5, 7], [-1, 0, 0, 2, 3, 3, 5, 5]
-    tokens = torch.tensor([(t + 1) % 250 for t in range(8)])
-    tokens[slots] = torch.tensor(path)
-    depths, mask = torch.zeros(8, dtype=torch.long), torch.eye(8, dtype=torch.bool)
-    for node, parent in enumerate(parents):
-        ancestor = parent
-        while ancestor >= 0:
-            mask[node, ancestor] = True
-            ancestor = parents[ancestor]
-        depths[node] = int(mask[node].sum()) - 1
+    tokens, depths, mask, slots = path_tree(path)
     tree_logits = runner.score_tree(cache, tokens, depths, mask)
     for slot, step in zip(slots, steps, strict=True):
         assert torch.equal(tree_logits[slot], step)

@@ -171,3 +171,25 @@ def test_prefill_checkpoints_of_another_document_or_damaged_are_dropped(tiny_run
     done, layers = PrefillCheckpoints(tmp_path, key).restore()
     assert done == 64 and layers[0][0].shape[1] == 64
     assert len(list(tmp_path.glob("prefill-*"))) == 1
+
+
+@pytest.mark.parametrize("dense_layers, budget", [(0, 0.2), (1, 0.1)])
+def test_bf16_squeezed_tree_rows_equal_decode_steps_bit_for_bit(tiny_bf16_runner, path_tree, dense_layers, budget):
+    """Each tree node selects its own clusters and the kernel reads them row by row, so over a squeezed
+    document too a node on the path gets exactly the decode step's logits in bf16."""
+    runner = tiny_bf16_runner
+    document = torch.randint(0, 255, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    config = SqueezeConfig(CLUSTERS, budget=budget, calibration_window=32, sink_tokens=4, dense_layers=dense_layers)
+    squeezed, _ = squeeze_document(runner, document, config)
+    tail = runner.new_tail_cache(squeezed, 64)
+    token = int(runner.prefill(tail, [20, 21, 22, 23]).argmax())
+    start, path, steps = tail.length, [], []
+    for _ in range(5):
+        path.append(token)
+        steps.append(runner.decode(tail, token))
+        token = int(steps[-1].argmax())
+    tail.truncate(start)
+    tokens, depths, mask, slots = path_tree(path)
+    tree_logits = runner.score_tree(tail, tokens, depths, mask)
+    for slot, step in zip(slots, steps, strict=True):
+        assert torch.equal(tree_logits[slot], step)
