@@ -103,7 +103,7 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
     tail = runner.new_tail_cache(document, steps + 1)
     document.stats = SqueezeStats()
     token = int(first_logits.argmax())
-    dense_times, squeezed_times, agree, max_diff, miss_margins = [], [], 0, 0.0, []
+    dense_times, squeezed_times, agree, max_diff, miss_margins, miss_regrets = [], [], 0, 0.0, [], []
     for _ in range(steps):
         start = time.perf_counter()
         dense_logits = runner.decode(dense, token)
@@ -111,18 +111,21 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
         start = time.perf_counter()
         squeezed_logits = runner.decode(tail, token)
         squeezed_times.append(time.perf_counter() - start)
-        if dense_logits.argmax() == squeezed_logits.argmax():
+        dense_top, squeezed_top = int(dense_logits.argmax()), int(squeezed_logits.argmax())
+        if dense_top == squeezed_top:
             agree += 1
         else:  # how close the dense run's own top two were: a near tie flips under any small change
             top_two = dense_logits.float().topk(2).values
             miss_margins.append(round(float(top_two[0] - top_two[1]), 4))
+            # and how far below the dense top the squeezed choice sits, under the dense logits
+            miss_regrets.append(round(float(dense_logits[dense_top] - dense_logits[squeezed_top]), 4))
         max_diff = max(max_diff, float((dense_logits.float() - squeezed_logits.float()).abs().max()))
         token = int(dense_logits.argmax())
     dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
     return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
             "step_speedup": dense_step / squeezed_step, "top1_agreement": agree / steps,
             "max_logit_diff": max_diff, "kv_read_fraction": document.stats.read_fraction,
-            "miss_dense_margins": sorted(miss_margins)}
+            "miss_dense_margins": sorted(miss_margins), "miss_dense_regrets": sorted(miss_regrets)}
 
 
 @torch.inference_mode()

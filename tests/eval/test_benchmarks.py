@@ -14,6 +14,8 @@ def test_bench_kvcache_reports_one_row_per_setting():
         assert row["prefill_s"] > 0 and row["dense_step_ms"] > 0 and row["squeezed_step_ms"] > 0
         margins = row["miss_dense_margins"]  # one per step where squeezed and dense disagree
         assert len(margins) == round(4 * (1 - row["top1_agreement"])) and all(m >= 0 for m in margins)
+        regrets = row["miss_dense_regrets"]  # the dense top logit minus the dense logit of squeezed's choice
+        assert len(regrets) == len(margins) and all(r >= m for r, m in zip(regrets, margins, strict=True))
 
 
 def test_bench_spec_checks_every_method_against_ar():
