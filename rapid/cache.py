@@ -2,7 +2,8 @@
 
 transformers' DynamicCache concatenates per token (a full copy of the cache each step: 5.7x slower at
 100K); StaticCache attends over its whole capacity. Ours writes new keys in place and hands attention
-a view of only the filled prefix, so a decode step reads exactly the tokens that exist.
+a view of the filled prefix (rounded up to a whole block, below), so a decode step reads the tokens that
+exist and fewer than KV_BLOCK more.
 
 Layout per layer: keys / values `[B, Hkv, capacity, D]`; `length` tokens are valid.
 Speculative decoding appends a tree of N nodes, then `commit` keeps the accepted nodes' KV and drops
