@@ -120,7 +120,7 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
             # and how far below the dense top the squeezed choice sits, under the dense logits
             miss_regrets.append(round(float(dense_logits[dense_top] - dense_logits[squeezed_top]), 4))
         max_diff = max(max_diff, float((dense_logits.float() - squeezed_logits.float()).abs().max()))
-        token = int(dense_logits.argmax())
+        token = dense_top
     dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
     return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
             "step_speedup": dense_step / squeezed_step, "top1_agreement": agree / steps,
