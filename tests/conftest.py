@@ -48,3 +48,19 @@ def path_tree():
         return tokens, depths, mask, slots
 
     return build
+
+
+@pytest.fixture(scope="session")
+def greedy_steps():
+    """greedy_steps(runner, cache, token, n) -> the n tokens decoded greedily from `token` (it first), the logits
+    after each, and the token after the last."""
+
+    def decode(runner, cache, token: int, n: int):
+        path, steps = [], []
+        for _ in range(n):
+            path.append(token)
+            steps.append(runner.decode(cache, token))
+            token = int(steps[-1].argmax())
+        return path, steps, token
+
+    return decode

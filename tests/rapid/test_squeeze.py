@@ -174,7 +174,8 @@ def test_prefill_checkpoints_of_another_document_or_damaged_are_dropped(tiny_run
 
 
 @pytest.mark.parametrize("dense_layers, budget", [(0, 0.2), (1, 0.1)])
-def test_bf16_squeezed_tree_rows_equal_decode_steps_bit_for_bit(tiny_bf16_runner, path_tree, dense_layers, budget):
+def test_bf16_squeezed_tree_rows_equal_decode_steps_bit_for_bit(tiny_bf16_runner, path_tree, greedy_steps,
+                                                                 dense_layers, budget):
     """Each tree node selects its own clusters and the kernel reads them row by row, so over a squeezed
     document too a node on the path gets exactly the decode step's logits in bf16."""
     runner = tiny_bf16_runner
@@ -182,12 +183,9 @@ def test_bf16_squeezed_tree_rows_equal_decode_steps_bit_for_bit(tiny_bf16_runner
     config = SqueezeConfig(CLUSTERS, budget=budget, calibration_window=32, sink_tokens=4, dense_layers=dense_layers)
     squeezed, _ = squeeze_document(runner, document, config)
     tail = runner.new_tail_cache(squeezed, 64)
-    token = int(runner.prefill(tail, [20, 21, 22, 23]).argmax())
-    start, path, steps = tail.length, [], []
-    for _ in range(5):
-        path.append(token)
-        steps.append(runner.decode(tail, token))
-        token = int(steps[-1].argmax())
+    first = int(runner.prefill(tail, [20, 21, 22, 23]).argmax())
+    start = tail.length
+    path, steps, _ = greedy_steps(runner, tail, first, 5)
     tail.truncate(start)
     tokens, depths, mask, slots = path_tree(path)
     tree_logits = runner.score_tree(tail, tokens, depths, mask)
