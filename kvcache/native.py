@@ -97,7 +97,21 @@ def load() -> ctypes.CDLL | None:
     library.centroid_logits.restype = None
     library.centroid_logits.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, _POINTER]
     library.select_ranges.restype = _INT64
-    library.select_ranges.argtypes = [*pointers, _POINTER, *sizes, *pointers, _POINTER]
+    library.select_ranges.argtypes = [*pointers, _POINTER, *sizes, *pointers, _POINTER, _POINTER]
+    library.refined_attention.restype = ctypes.c_int
+    library.refined_attention.argtypes = [
+        *pointers[:3],
+        ctypes.c_int,
+        ctypes.c_int,
+        *pointers,
+        _POINTER,
+        *sizes,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+    ]
     library.weighted_means.restype = None
     library.weighted_means.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, ctypes.c_float, _POINTER]
     return library
@@ -154,10 +168,10 @@ def select_ranges(
     offsets: Tensor,  # [Hkv, C+1] int64
     pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
     queries: int,  # N
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, int, int]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, int, int]:
     """The threshold rule's ranges (see select_ranges in csrc/range_attention.c), ready for range_attention:
-    starts [Q], ends [Q], range_offsets [Hkv+1], row_mask [Q, G*N] bool (None for one query), keys read (the
-    union over queries) and keys selected (summed over queries)."""
+    starts [Q], ends [Q], range_offsets [Hkv+1], row_mask [Q, G*N] bool (None for one query), pinned [Q] bool
+    (the range's cluster is pinned), keys read (the union over queries) and keys selected (summed over queries)."""
     library = load()
     assert library is not None, "select_ranges called without the native library; check supports() first"
     num_kv_heads, rows, num_clusters = logits.shape
@@ -171,16 +185,61 @@ def select_ranges(
     ends = torch.empty_like(starts)
     range_offsets = torch.empty(num_kv_heads + 1, dtype=torch.int64)
     row_mask = None if queries == 1 else torch.empty(num_kv_heads * num_clusters, rows, dtype=torch.bool)
+    range_pinned = torch.zeros(num_kv_heads * num_clusters, dtype=torch.bool)
     counts = torch.empty(2, dtype=torch.int64)
     count = library.select_ranges(
         logits.data_ptr(), thresholds.data_ptr(), sizes.data_ptr(), offsets.data_ptr(),
         None if pinned is None else pinned.data_ptr(), num_kv_heads, rows // queries, queries, num_clusters,
         starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if row_mask is None else row_mask.data_ptr(),
-        counts.data_ptr(),
+        range_pinned.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
     assert count >= 0, f"select_ranges refused {rows} rows"
     mask = None if row_mask is None else row_mask[:count]
-    return starts[:count], ends[:count], range_offsets, mask, int(counts[0]), int(counts[1])
+    return starts[:count], ends[:count], range_offsets, mask, range_pinned[:count], int(counts[0]), int(counts[1])
+
+
+def refined_attention(
+    query: Tensor,  # [Hkv, G*N, D] fp32, multiplied by the softmax scaling, rows g*N + n
+    keys: Tensor,  # [Hkv, T, D] bf16 or fp32, contiguous
+    values: Tensor,  # [Hkv, T, D], same dtype
+    starts: Tensor,  # [Q] int64: the candidate ranges, as for range_attention
+    ends: Tensor,  # [Q] int64
+    range_offsets: Tensor,  # [Hkv+1] int64
+    row_mask: Tensor | None,  # [Q, G*N] bool or None, as for range_attention
+    pinned: Tensor | None,  # [Q] bool: ranges whose keys are always kept
+    queries: int,  # N
+    keep: int,  # keys each query keeps per kv head, besides the pinned ones it reads
+    round_probs: bool = False,
+) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """Two-stage attention (refined_attention in csrc/range_attention.c): each query attends to the `keep`
+    candidate keys with the highest logit over its group's heads, plus every pinned key it reads. Returns out
+    [Hkv, G*N, D] fp32, lse [Hkv, G*N] fp32 (-inf for a row that kept nothing) and the counts of keys whose K
+    was read, keys whose V was read, and keys kept summed over queries."""
+    library = load()
+    assert library is not None, "refined_attention called without the native library; check supports() first"
+    num_kv_heads, rows, dim = query.shape
+    assert keys.shape == values.shape and keys.dtype == values.dtype and keys.is_contiguous() and values.is_contiguous()
+    assert keys.shape[0] == num_kv_heads and keys.shape[2] == dim and rows <= MAX_ROWS and dim <= MAX_DIM
+    assert range_offsets.shape == (num_kv_heads + 1,) and starts.shape == ends.shape and rows % queries == 0
+    assert row_mask is None or (row_mask.dtype == torch.bool and row_mask.shape == (starts.shape[0], rows))
+    assert pinned is None or (pinned.dtype == torch.bool and pinned.shape == starts.shape)
+    query, starts, ends, range_offsets = (t.contiguous() for t in (query.float(), starts, ends, range_offsets))
+    mask = None if row_mask is None else row_mask.contiguous()
+    pinned = None if pinned is None else pinned.contiguous()
+    out = torch.empty(num_kv_heads, rows, dim)
+    lse = torch.empty(num_kv_heads, rows)
+    counts = torch.empty(3, dtype=torch.int64)
+    status = library.refined_attention(
+        query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), int(round_probs),
+        starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if mask is None else mask.data_ptr(),
+        None if pinned is None else pinned.data_ptr(), num_kv_heads, queries, rows, keys.shape[1], dim, keep,
+        out.data_ptr(), lse.data_ptr(), counts.data_ptr(),
+    )  # fmt: skip
+    if status == -2:
+        raise MemoryError("refined_attention could not allocate its scratch buffers")
+    assert status == 0, f"refined_attention refused rows={rows} dim={dim} queries={queries}"
+    lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, -math.inf)
+    return out, lse, (int(counts[0]), int(counts[1]), int(counts[2]))
 
 
 def centroid_logits(query: Tensor, centroids: Tensor) -> Tensor:

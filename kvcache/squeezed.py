@@ -27,14 +27,22 @@ from torch import Tensor
 from kvcache import native
 from kvcache.clustering import ClusteredLayer
 from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
-from kvcache.selection import SelectionRule, ThresholdRule, centroid_logits, padded_ranges, score_clusters
+from kvcache.selection import (
+    SelectionRule,
+    ThresholdRule,
+    centroid_logits,
+    padded_ranges,
+    score_clusters,
+    select_clusters,
+)
 
 
 @dataclass
 class SqueezeStats:
     """Running count of document keys read, summed over calls (and layers, if shared).
 
-    keys_read: keys gathered (per kv head, the union over the N queries).
+    keys_read: keys whose K was read (per kv head, the union over the N queries).
+    values_read: keys whose V was read; the same as keys_read unless the keys are refined (keep_fraction).
     keys_selected: keys each query attended to, summed over queries.
     """
 
@@ -42,17 +50,19 @@ class SqueezeStats:
     queries: int = 0  # N per call
     keys_read: int = 0
     keys_selected: int = 0
+    values_read: int = 0
 
-    def add(self, doc_keys: int, queries: int, keys_read: int, keys_selected: int) -> None:
+    def add(self, doc_keys: int, queries: int, keys_read: int, keys_selected: int, values_read: int | None = None):
         self.doc_keys += doc_keys
         self.queries += queries
         self.keys_read += keys_read
         self.keys_selected += keys_selected
+        self.values_read += keys_read if values_read is None else values_read
 
     @property
     def read_fraction(self) -> float:
-        """Fraction of the document keys actually read."""
-        return self.keys_read / max(self.doc_keys, 1)
+        """Fraction of the document's KV bytes actually read (K and V weigh the same)."""
+        return (self.keys_read + self.values_read) / max(2 * self.doc_keys, 1)
 
     @property
     def selected_fraction(self) -> float:
@@ -71,10 +81,15 @@ def squeezed_attention(
     stats: SqueezeStats | None = None,
     always_read: Tensor | None = None,  # [Hkv, C] bool: clusters every query reads (e.g. attention sinks)
     estimate_rest: bool = False,
+    keep_fraction: float | None = None,
 ) -> Tensor:  # [B, H, N, D], dtype of query
     """Attention of N queries over the selected document clusters and the masked tail.
 
     For N > 1 each query reads only its own clusters, so every query gets exactly what it would get alone.
+    keep_fraction: refine the keys (two stages). The selected clusters are candidates; each query scores their
+    keys by q.k (the max over its group's heads) and attends to the keep_fraction * T best, plus every key of an
+    `always_read` cluster. Single keys hold more attention mass than whole clusters for the same values read;
+    the candidates' keys are read once more than their values.
     estimate_rest: also count the clusters a query does not read, each as its N_j keys at the centroid's
     logit holding the cluster's mean value (one more softmax part over the centroids already scored).
     That is exact for clusters whose keys and values are all equal, and it keeps the attention mass of
@@ -87,13 +102,39 @@ def squeezed_attention(
     group = num_heads // num_kv_heads
     q = query[0].float().view(num_kv_heads, group, num_queries, head_dim)
     native_path = native.supports(doc.keys, group * num_queries)
+    if keep_fraction is not None and estimate_rest:
+        raise ValueError("keep_fraction and estimate_rest do not combine: refined keys leave no cluster to estimate")
+    keep = None if keep_fraction is None else max(1, round(keep_fraction * doc.num_tokens))
+    values_read = None
 
     if native_path and not estimate_rest and _flat_threshold(rule, doc):  # scoring and selection in C as well
         logits = centroid_logits(q, doc, scaling).view(num_kv_heads, group * num_queries, -1)
         *ranges, keys_read, keys_selected = native.select_ranges(
             logits, rule.log_thresholds, doc.sizes, doc.offsets, always_read, num_queries
         )
-        parts = _ranges_parts(query, doc, KeyRanges(*ranges), tail_keys, tail_values, tail_mask, scaling)
+        ranges = KeyRanges(*ranges)
+        if keep is None:
+            parts = _ranges_parts(query, doc, ranges, tail_keys, tail_values, tail_mask, scaling)
+        else:
+            parts, (keys_read, values_read, keys_selected) = _refined_parts(
+                query, doc, ranges, keep, tail_keys, tail_values, tail_mask, scaling
+            )
+    elif keep is not None:
+        selected = select_clusters(q, doc, rule, scaling)
+        if always_read is not None:
+            selected = selected | always_read[:, None, :]
+        union = selected.any(dim=1)
+        if native_path:
+            ranges = KeyRanges.of(doc, selected, union, group, always_read)
+            parts, (keys_read, values_read, keys_selected) = _refined_parts(
+                query, doc, ranges, keep, tail_keys, tail_values, tail_mask, scaling
+            )
+        else:
+            doc_part, (keys_read, values_read, keys_selected) = _refined_gathered_part(
+                query, doc, selected, union, always_read, keep, scaling
+            )
+            rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
+            parts = [doc_part, _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
     else:
         selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
         if always_read is not None:
@@ -115,7 +156,7 @@ def squeezed_attention(
         out = _merge(parts).reshape(query.shape).to(query.dtype)
 
     if stats is not None:
-        stats.add(num_kv_heads * doc.num_tokens, num_queries, keys_read, keys_selected)
+        stats.add(num_kv_heads * doc.num_tokens, num_queries, keys_read, keys_selected, values_read)
     return out
 
 
@@ -133,16 +174,20 @@ class KeyRanges:
     ends: Tensor  # [Q] int64
     range_offsets: Tensor  # [Hkv+1] int64
     row_mask: Tensor | None  # [Q, G*N] bool (rows g*N + n); None: every row reads every range
+    pinned: Tensor | None = None  # [Q] bool: the range is an always-read cluster (its keys survive refinement)
 
     @classmethod
-    def of(cls, doc: ClusteredLayer, selected: Tensor, union: Tensor, group: int) -> KeyRanges:
-        """From the selection [Hkv, N, C] and its union over queries [Hkv, C]."""
+    def of(
+        cls, doc: ClusteredLayer, selected: Tensor, union: Tensor, group: int, always_read: Tensor | None = None
+    ) -> KeyRanges:
+        """From the selection [Hkv, N, C], its union over queries [Hkv, C] and the pinned clusters [Hkv, C]."""
         num_kv_heads, num_queries, _ = selected.shape
         heads, clusters = union.nonzero(as_tuple=True)  # head-major, so each head's ranges are consecutive
         range_offsets = torch.zeros(num_kv_heads + 1, dtype=torch.int64)
         range_offsets[1:] = torch.bincount(heads, minlength=num_kv_heads).cumsum(0)
         row_mask = None if num_queries == 1 else selected[heads, :, clusters].repeat(1, group)  # [Q, G*N]
-        return cls(doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets, row_mask)
+        pinned = None if always_read is None else always_read[heads, clusters]
+        return cls(doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets, row_mask, pinned)
 
 
 def _ranges_parts(
@@ -161,6 +206,57 @@ def _ranges_parts(
     )  # fmt: skip
     rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)  # [1, Hkv, G*N, D]
     return [(doc_out[None], doc_lse[None]), _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
+
+
+def _refined_parts(
+    query: Tensor, doc: ClusteredLayer, ranges: KeyRanges, keep: int, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float,
+) -> tuple[list[tuple[Tensor, Tensor]], tuple[int, int, int]]:  # fmt: skip
+    """The native two-stage path: the kernel keeps each query's `keep` best candidate keys, SDPA reads the tail.
+    Returns both softmax parts and the counts (keys whose K was read, whose V was read, kept over queries)."""
+    _, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads = doc.keys.shape[0]
+    group = num_heads // num_kv_heads
+    folded = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim) * scaling
+    doc_out, doc_lse, counts = native.refined_attention(
+        folded, doc.keys, doc.values, ranges.starts, ranges.ends, ranges.range_offsets, ranges.row_mask,
+        ranges.pinned, num_queries, keep, round_probs=doc.keys.dtype == torch.bfloat16,
+    )  # fmt: skip
+    rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
+    tail_part = _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)
+    return [(doc_out[None], doc_lse[None]), tail_part], counts
+
+
+def _refined_gathered_part(
+    query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, always_read: Tensor | None, keep: int,
+    scaling: float,
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int, int]]:  # fmt: skip
+    """The torch two-stage path (see squeezed_attention's keep_fraction): the document part (out [1, Hkv, G*N, D],
+    lse [1, Hkv, G*N]) over each query's kept candidate keys, and the counts as _refined_parts returns them."""
+    _, num_heads, num_queries, head_dim = query.shape
+    num_kv_heads = doc.keys.shape[0]
+    group = num_heads // num_kv_heads
+    indices, valid = padded_ranges(doc.offsets, union)  # [Hkv, M]
+    cluster = torch.searchsorted(doc.offsets[:, 1:].contiguous(), indices, right=True)  # [Hkv, M]
+    reads = selected.gather(2, cluster[:, None, :].expand(-1, num_queries, -1)) & valid[:, None, :]  # [Hkv, N, M]
+    keys = torch.stack([doc.keys[h, indices[h]] for h in range(num_kv_heads)]).float()
+    values = torch.stack([doc.values[h, indices[h]] for h in range(num_kv_heads)]).float()
+    q = query[0].float().view(num_kv_heads, group * num_queries, head_dim)
+    logits = (q @ keys.transpose(1, 2) * scaling).view(num_kv_heads, group, num_queries, -1)
+    logits = logits.masked_fill(~reads[:, None], -math.inf)
+    score = logits.amax(dim=1)  # [Hkv, N, M]
+    if always_read is not None:
+        score = score.masked_fill(always_read.gather(1, cluster)[:, None, :] & reads, math.inf)
+    kept = reads
+    if 0 < keep < score.shape[-1]:
+        kept = reads & (score >= score.topk(keep, dim=-1).values[..., -1:])
+    logits = logits.masked_fill(~kept[:, None], -math.inf).view(num_kv_heads, group * num_queries, -1)
+    lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
+    probs = torch.exp(logits - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
+    if doc.keys.dtype == torch.bfloat16:  # the rounding the dense bf16 path has
+        probs = probs.bfloat16().float()
+    counts = (int(valid.sum()), int(kept.any(dim=1).sum()), int(kept.sum()))
+    return ((probs @ values)[None], lse[None]), counts
 
 
 def _gathered_rows(

@@ -20,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 64
@@ -200,12 +201,13 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
  * whether query n reads range q (every head g of its group alike).
  *   logits [Hkv, G*N, C] fp32, thresholds [Hkv] fp32, sizes [Hkv, C] int64, offsets [Hkv, C+1] int64,
  *   pinned [Hkv, C] uint8 or NULL; out: starts / ends [Hkv*C], range_offsets [Hkv+1], row_mask [Hkv*C, G*N]
- *   or NULL (then N must be 1), counts [2] = keys read (the union over queries) and keys selected (summed over
- *   queries). Returns the number of ranges, or -1 when G*N exceeds MAX_ROWS. */
+ *   or NULL (then N must be 1), range_pinned [Hkv*C] or NULL (1 = the range's cluster is pinned), counts [2] = keys
+ *   read (the union over queries) and keys selected (summed over queries). Returns the number of ranges, or -1 when
+ *   G*N exceeds MAX_ROWS. */
 int64_t select_ranges(const float *logits, const float *thresholds, const int64_t *sizes, const int64_t *offsets,
                       const uint8_t *pinned, int64_t num_kv_heads, int64_t group, int64_t queries,
                       int64_t num_clusters, int64_t *starts, int64_t *ends, int64_t *range_offsets, uint8_t *row_mask,
-                      int64_t *counts) {
+                      uint8_t *range_pinned, int64_t *counts) {
     const int64_t rows = group * queries;
     if (rows > MAX_ROWS || (!row_mask && queries != 1)) return -1;
     static _Thread_local float cutoff[MAX_ROWS];
@@ -242,6 +244,7 @@ int64_t select_ranges(const float *logits, const float *thresholds, const int64_
             if (readers == 0) continue;
             starts[count] = offsets[h * (num_clusters + 1) + j];
             ends[count] = offsets[h * (num_clusters + 1) + j + 1];
+            if (range_pinned) range_pinned[count] = (uint8_t)always;
             if (row_mask)
                 for (int64_t g = 0; g < group; g++) memcpy(row_mask + count * rows + g * queries, reads, queries);
             counts[0] += head_sizes[j];
@@ -251,4 +254,168 @@ int64_t select_ranges(const float *logits, const float *thresholds, const int64_
         range_offsets[h + 1] = count;
     }
     return count;
+}
+
+/* Growable per-thread scratch: the two-stage kernel's logits and scores scale with the candidate keys. */
+static void *scratch(void **buffer, int64_t *capacity, int64_t bytes) {
+    if (bytes > *capacity) {
+        void *grown = realloc(*buffer, (size_t)bytes);
+        if (!grown) return NULL;
+        *buffer = grown;
+        *capacity = bytes;
+    }
+    return *buffer;
+}
+
+/* The value a[k] would hold if a[0..n-1] were sorted in descending order (quickselect; reorders a). */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
+        const float pivot = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));  /* median of 3 */
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                const float swap = a[i];
+                a[i++] = a[j];
+                a[j--] = swap;
+            }
+        }
+        if (k <= j) hi = j;       /* a[lo..j] >= pivot */
+        else if (k >= i) lo = i;  /* a[i..hi] <= pivot */
+        else return pivot;        /* a[j+1..i-1] == pivot */
+    }
+    return a[k];
+}
+
+/* Two-stage squeezed attention: the ranges (clusters above a generous threshold) are candidates, and each query
+ * attends to the `keep` candidate keys with the highest logit over the heads of its group, plus every key of a
+ * pinned range, which it always keeps (sinks, recent window). Pass 1 reads the candidates' keys once and stores
+ * every row's logits; a quickselect per query finds its cutoff; pass 2 reads the values of the kept keys only,
+ * with an exact softmax over the kept logits. Single keys chosen by q.k hold far more of the attention mass than
+ * whole clusters chosen by centroid for the same values read.
+ * Shapes as range_attention, with rows r = g*N + n (G = rows / queries heads of query n) and
+ *   range_pinned [Q] uint8 or NULL: 1 = every key of the range is kept by the rows that read it;
+ *   counts [3]: keys whose K was read (union over queries), keys whose V was read (kept by some query),
+ *   keys kept summed over queries.
+ * Returns 0, -1 when rows or dim exceed the fixed buffers, -2 when scratch memory cannot be had. */
+int refined_attention(const float *query, const void *keys, const void *values, int keys_are_bf16, int round_probs,
+                      const int64_t *starts, const int64_t *ends, const int64_t *range_offsets,
+                      const uint8_t *row_mask, const uint8_t *range_pinned, int64_t num_kv_heads, int64_t queries,
+                      int64_t rows, int64_t num_tokens, int64_t dim, int64_t keep, float *out, float *lse,
+                      int64_t *counts) {
+    if (rows > MAX_ROWS || dim > MAX_DIM || queries < 1 || rows % queries) return -1;
+    static _Thread_local float key_block[BLOCK * MAX_DIM], value_row[MAX_DIM];
+    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer;
+    static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity;
+    const int64_t group = rows / queries;
+    const float pinned_score = 1e30f, unread = NEG_BIG;
+    counts[0] = counts[1] = counts[2] = 0;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *q = query + h * rows * dim;
+        float *acc = out + h * rows * dim;
+        const int64_t head_base = h * num_tokens * dim;
+        int64_t total = 0;
+        for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) total += ends[i] - starts[i];
+        float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * (rows * total + 1));
+        float *score = scratch(&score_buffer, &score_capacity, (int64_t)sizeof(float) * (2 * total + 1));
+        uint8_t *kept = scratch(&kept_buffer, &kept_capacity, queries * total + 1);
+        if (!logits || !score || !kept) return -2;
+        float *pool = score + total;
+
+        /* Pass 1: every row's logit for every candidate key it reads (unread: NEG_BIG). */
+        int64_t m = 0;
+        for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
+            const uint8_t *active = row_mask ? row_mask + i * rows : NULL;
+            for (int64_t start = starts[i]; start < ends[i]; start += BLOCK) {
+                const int64_t n = ends[i] - start < BLOCK ? ends[i] - start : BLOCK;
+                const float *k = as_f32(keys, keys_are_bf16, head_base + start * dim, n * dim, key_block);
+                for (int64_t r = 0; r < rows; r++) {
+                    float *row = logits + r * total + m;
+                    if (active && !active[r]) {
+                        for (int64_t j = 0; j < n; j++) row[j] = unread;
+                        continue;
+                    }
+                    const float *qr = q + r * dim;
+                    for (int64_t j = 0; j < n; j++) {
+                        const float *kj = k + j * dim;
+                        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                        for (int64_t d = 0; d < dim; d++) dot += qr[d] * kj[d];
+                        row[j] = dot;
+                    }
+                }
+                m += n;
+            }
+        }
+        counts[0] += total;
+
+        /* Per query: score = max logit over its group's heads; keep the `keep` best and the pinned keys. */
+        for (int64_t n = 0; n < queries; n++) {
+            int64_t available = 0;
+            m = 0;
+            for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
+                const int pinned = range_pinned && range_pinned[i];
+                for (int64_t j = 0; j < ends[i] - starts[i]; j++, m++) {
+                    float best = unread;
+                    for (int64_t g = 0; g < group; g++) {
+                        const float logit = logits[(g * queries + n) * total + m];
+                        best = logit > best ? logit : best;
+                    }
+                    if (pinned && best > unread) best = pinned_score;
+                    score[m] = best;
+                    if (best > unread) pool[available++] = best;
+                }
+            }
+            const float cutoff = available > keep && keep > 0 ? kth_largest(pool, available, keep - 1) : unread / 2;
+            uint8_t *kept_n = kept + n * total;
+            for (m = 0; m < total; m++) kept_n[m] = score[m] > unread && score[m] >= cutoff;
+        }
+
+        /* Pass 2: the exact softmax over each row's kept logits, reading the values of kept keys only. */
+        for (int64_t r = 0; r < rows; r++) {
+            const float *row = logits + r * total;
+            const uint8_t *kept_n = kept + (r % queries) * total;
+            float top = NEG_BIG;
+            for (m = 0; m < total; m++)
+                if (kept_n[m] && row[m] > top) top = row[m];
+            row_max[r] = top;
+            row_sum[r] = 0.0f;
+        }
+        memset(acc, 0, sizeof(float) * rows * dim);
+        m = 0;
+        for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
+            for (int64_t position = starts[i]; position < ends[i]; position++, m++) {
+                int64_t keepers = 0;
+                for (int64_t n = 0; n < queries; n++) keepers += kept[n * total + m];
+                if (!keepers) continue;
+                counts[1]++;
+                counts[2] += keepers;
+                const float *v = as_f32(values, keys_are_bf16, head_base + position * dim, dim, value_row);
+                for (int64_t r = 0; r < rows; r++) {
+                    if (!kept[(r % queries) * total + m]) continue;
+                    float p = expf(logits[r * total + m] - row_max[r]);
+                    row_sum[r] += p;
+                    if (round_probs) p = round_to_bf16(p);
+                    float *a = acc + r * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; d++) a[d] += p * v[d];
+                }
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            float *a = acc + r * dim;
+            if (row_sum[r] > 0.0f) {
+                const float inverse = 1.0f / row_sum[r];
+                for (int64_t d = 0; d < dim; d++) a[d] *= inverse;
+                lse[h * rows + r] = row_max[r] + logf(row_sum[r]);
+            } else {
+                lse[h * rows + r] = EMPTY_LSE;
+            }
+        }
+    }
+    return 0;
 }

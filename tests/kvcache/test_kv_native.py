@@ -194,15 +194,71 @@ def test_native_threshold_selection_equals_torchs(num_queries):
         selected = score_clusters(query, layer, rule, HEAD_DIM**-0.5)[0] | pinned[:, None, :]
         selected &= layer.sizes[:, None, :] > 0
         union = selected.any(dim=1)
-        expected = KeyRanges.of(layer, selected, union, group)
+        expected = KeyRanges.of(layer, selected, union, group, pinned)
         logits = centroid_logits(query, layer, HEAD_DIM**-0.5).view(NUM_KV_HEADS, group * num_queries, -1)
         *ranges, keys_read, keys_selected = native.select_ranges(
             logits, thresholds, layer.sizes, layer.offsets, pinned, num_queries
         )
-        wanted = (expected.starts, expected.ends, expected.range_offsets, expected.row_mask)
+        wanted = (expected.starts, expected.ends, expected.range_offsets, expected.row_mask, expected.pinned)
         for ours, theirs in zip(ranges, wanted, strict=True):
             assert (ours is None and theirs is None) or torch.equal(ours, theirs)
         assert keys_read == int((union * layer.sizes).sum())
         assert keys_selected == int((selected * layer.sizes[:, None, :]).sum())
         if thresholds is middle:
             assert 0.2 < selected.float().mean() / (layer.sizes > 0).float().mean() < 0.8
+
+
+def refined_reference(query, keys, values, starts, ends, range_offsets, row_mask, pinned, queries, keep):
+    """Per query n: its candidate keys scored by the max logit over the heads of its group, the `keep` best
+    and every pinned key kept, then each row's fp32 softmax over the kept keys."""
+    num_kv_heads, rows, dim = query.shape
+    group = rows // queries
+    out, lse = torch.zeros(num_kv_heads, rows, dim), torch.full((num_kv_heads, rows), -math.inf)
+    for head in range(num_kv_heads):
+        ranges = range(int(range_offsets[head]), int(range_offsets[head + 1]))
+        for n in range(queries):
+            reads = [i for i in ranges if row_mask is None or bool(row_mask[i, n])]
+            if not reads:
+                continue
+            index = torch.cat([torch.arange(int(starts[i]), int(ends[i])) for i in reads])
+            forced = torch.cat([torch.full((int(ends[i] - starts[i]),), bool(pinned[i])) for i in reads])
+            own_rows = [g * queries + n for g in range(group)]
+            logits = query[head, own_rows] @ keys[head, index].float().T  # [G, M]
+            score = logits.amax(0).masked_fill(forced, math.inf)
+            kept = score >= score.topk(min(keep, len(score))).values[-1]
+            for g, row in enumerate(own_rows):
+                lse[head, row] = torch.logsumexp(logits[g, kept], 0)
+                out[head, row] = torch.softmax(logits[g, kept], 0) @ values[head, index[kept]].float()
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("keep", [1, 40, 1000])
+def test_refined_kernel_keeps_each_querys_best_candidate_keys(dtype, queries, keep):
+    generator = torch.Generator().manual_seed(4)
+    group = 3
+    rows = group * queries
+    query = torch.randn(NUM_KV_HEADS, rows, HEAD_DIM, generator=generator) * HEAD_DIM**-0.5
+    keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator).to(dtype)
+    values = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator).to(dtype)
+    starts, ends, offsets = random_ranges(seed=5)
+    per_query = torch.rand(len(starts), queries, generator=generator) < 0.7
+    row_mask = None if queries == 1 else per_query.repeat(1, group)  # rows g*N + n: every head of query n alike
+    pinned = torch.zeros(len(starts), dtype=torch.bool)
+    pinned[offsets[:-1] + 2] = True  # one range per head, read by some queries only
+    out, lse, (keys_read, values_read, kept) = native.refined_attention(
+        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep
+    )
+    expected_out, expected_lse = refined_reference(
+        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep
+    )
+    torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
+    assert keys_read == int((ends - starts).sum())
+    assert kept <= values_read * queries and values_read <= keys_read
+    if keep == 1000:  # more than there are candidates: every candidate is kept, as by range_attention
+        whole_out, whole_lse = native.range_attention(query, keys, values, starts, ends, offsets, row_mask)
+        torch.testing.assert_close(out, whole_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, whole_lse, atol=2e-5, rtol=2e-5)
+        assert values_read == keys_read

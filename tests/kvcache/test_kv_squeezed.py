@@ -6,8 +6,8 @@ from kv_synthetic import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALING, ancestor_ma
 
 from kvcache import native
 from kvcache.calibration import calibrate_thresholds
-from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments
-from kvcache.selection import ThresholdRule, TopBudgetRule
+from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments, ranges_to_indices
+from kvcache.selection import ThresholdRule, TopBudgetRule, select_clusters
 from kvcache.squeezed import SqueezeStats, dense_attention, full_document_attention, squeezed_attention
 
 NUM_DOC, NUM_PREFIX = 2000, 6
@@ -292,3 +292,70 @@ def test_estimated_rest_cuts_the_error_of_a_small_budget(document):
     estimated = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, estimate_rest=True)
     plain_error, estimated_error = (plain - expected).norm(), (estimated - expected).norm()
     assert estimated_error < 0.5 * plain_error, (plain_error, estimated_error)
+
+
+@pytest.mark.parametrize("rule", EVERY_CLUSTER[:2], ids=["top_budget", "threshold"])
+@pytest.mark.parametrize("num_queries", [1, 16])
+def test_refining_every_key_of_every_cluster_equals_dense(document, rule, num_queries):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX + num_queries, seed=30)
+    tail_mask = random_tree_mask(num_queries, NUM_PREFIX, seed=31) if num_queries > 1 else None
+    query = queries(num_queries, seed=32)
+    stats = SqueezeStats()
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING, stats, keep_fraction=1.0)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, tail_mask, SCALING)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert stats.read_fraction == 1.0 and stats.selected_fraction == 1.0
+
+
+def test_each_tree_query_refines_what_it_would_alone(document):
+    _, _, _, layer = document
+    num_nodes = 5
+    tail_keys, tail_values = tail(NUM_PREFIX + num_nodes, seed=33)
+    tail_mask = random_tree_mask(num_nodes, NUM_PREFIX, seed=34)
+    query = queries(num_nodes, seed=35)
+    pinned = torch.zeros(layer.sizes.shape, dtype=torch.bool)
+    pinned[:, :3] = True
+    threshold = calibrate_thresholds(queries(64, seed=36)[0], layer, SCALING, (0.3,)).rule(0.3)
+    for rule in (TopBudgetRule(0.3), threshold):
+        stats = SqueezeStats()
+        together = squeezed_attention(
+            query, layer, rule, tail_keys, tail_values, tail_mask, SCALING, stats, pinned, keep_fraction=0.1
+        )
+        for node in range(num_nodes):
+            alone = squeezed_attention(
+                query[:, :, node : node + 1], layer, rule, tail_keys, tail_values, tail_mask[node : node + 1],
+                SCALING, None, pinned, keep_fraction=0.1,
+            )  # fmt: skip
+            torch.testing.assert_close(together[:, :, node : node + 1], alone, atol=1e-6, rtol=1e-6)
+        # Each node attends to its 10% (ties and pinned keys may add a few); V is read for the kept keys only.
+        assert 0.1 <= stats.selected_fraction < 0.12
+        assert stats.values_read < stats.keys_read
+
+
+def test_refinement_attends_to_the_best_candidate_keys_and_the_tail(document):
+    """Decode: the query attends to the keep_fraction * T candidate keys of highest max-over-heads logit."""
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=41)
+    query = queries(1, seed=42, scale=3.0)
+    rule = TopBudgetRule(0.3)
+    out = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, keep_fraction=0.1)
+    group = NUM_HEADS // NUM_KV_HEADS
+    candidates = select_clusters(query[0].view(NUM_KV_HEADS, group, 1, HEAD_DIM), layer, rule, SCALING)[:, 0]
+    expected = torch.empty_like(out).view(NUM_KV_HEADS, group, HEAD_DIM)
+    for head in range(NUM_KV_HEADS):
+        rows = ranges_to_indices(layer.offsets[head], candidates[head])
+        q = query[0, head * group : (head + 1) * group, 0]  # [G, D]
+        best = (q @ layer.keys[head, rows].T).amax(0).topk(round(0.1 * NUM_DOC)).indices
+        kept_keys = torch.cat([layer.keys[head, rows[best]], tail_keys[0, head]])
+        kept_values = torch.cat([layer.values[head, rows[best]], tail_values[0, head]])
+        expected[head] = torch.softmax(q @ kept_keys.T * SCALING, dim=-1) @ kept_values
+    torch.testing.assert_close(out, expected.view_as(out), atol=1e-5, rtol=1e-5)
+
+
+def test_refinement_leaves_no_cluster_to_estimate(document):
+    _, _, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=39)
+    with pytest.raises(ValueError, match="keep_fraction"):
+        squeezed_attention(queries(1, seed=40), layer, TopBudgetRule(0.3), tail_keys, tail_values, None, SCALING,
+                           estimate_rest=True, keep_fraction=0.1)  # fmt: skip
