@@ -220,7 +220,8 @@ class LocalBackend:
         squeeze = SqueezeConfig(ClusterConfig(recent_tokens=settings.squeeze_recent_tokens),
                                 budget=settings.squeeze_budget, rule=settings.squeeze_rule,
                                 dense_layers=settings.squeeze_dense_layers,
-                                estimate_rest=settings.squeeze_estimate_rest)
+                                estimate_rest=settings.squeeze_estimate_rest,
+                                keep_fraction=settings.squeeze_keep_fraction)
         document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
                                              attention=settings.attention, squeeze=squeeze)
         config = LocalBackendConfig(chunk=ChunkConfig(chunk_tokens=settings.chunk_tokens), rag=rag,
@@ -558,7 +559,8 @@ class LocalBackend:
             squeeze = self.config.document_cache.squeeze
             document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len, sink_tokens=squeeze.sink_tokens,
                                         recent_tokens=squeeze.cluster.recent_tokens,
-                                        dense_layers=squeeze.dense_layers, estimate_rest=squeeze.estimate_rest)
+                                        dense_layers=squeeze.dense_layers, estimate_rest=squeeze.estimate_rest,
+                                        keep_fraction=squeeze.keep_fraction)
             yield self.runner.new_tail_cache(document, tail), request.query_ids
             return
         if not kv.lock.acquire(blocking=False):

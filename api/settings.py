@@ -91,12 +91,20 @@ class Settings(BaseSettings):
     squeeze_recent_tokens: int = Field(  # default = rapid.squeeze.RECENT_TOKENS
         default=1024, ge=0, description="'squeezed': the document's last positions form one cluster that every "
         "query reads (decode queries attend to them by position)")
+    squeeze_keep_fraction: float | None = Field(  # default = rapid.squeeze.KEEP_FRACTION
+        default=None, gt=0, le=1, description="'squeezed': treat the budget's clusters as candidates and attend to "
+        "this fraction of the document keys with the highest q.k among them (unset: read whole clusters)")
 
     @model_validator(mode="after")
     def _calibrated_budget(self):
         if self.squeeze_rule == "threshold" and self.squeeze_budget not in CALIBRATED_BUDGETS:
             raise ValueError(f"squeeze_budget must be one of the calibrated {CALIBRATED_BUDGETS} with "
                              f"squeeze_rule 'threshold', got {self.squeeze_budget}")
+        if self.squeeze_keep_fraction is not None and self.squeeze_keep_fraction > self.squeeze_budget:
+            raise ValueError(f"squeeze_keep_fraction {self.squeeze_keep_fraction} exceeds squeeze_budget "
+                             f"{self.squeeze_budget}: the kept keys are picked among the budget's clusters")
+        if self.squeeze_keep_fraction is not None and self.squeeze_estimate_rest:
+            raise ValueError("squeeze_keep_fraction and squeeze_estimate_rest do not combine")
         return self
 
     @field_validator("api_keys", mode="before")

@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,23 @@ from retrieval.texts import insert_needle, shakespeare_text
 
 NEEDLE = "The secret passphrase for the vault is {value}."
 NEEDLE_QUESTION = "What is the secret passphrase for the vault? Answer with the passphrase only."
+
+
+class Setting(NamedTuple):
+    """One row of squeezed attention: budget, dense first layers, unread clusters estimated, keys refined."""
+
+    budget: float
+    dense_layers: int
+    estimate_rest: bool
+    keep_fraction: float | None  # None: whole clusters
+
+    def view(self, document: SqueezedDocument, rule: str) -> SqueezedDocument:
+        return document.with_budget(self.budget, rule, dense_layers=self.dense_layers,
+                                    estimate_rest=self.estimate_rest, keep_fraction=self.keep_fraction)
+
+
+def keep_fraction_arg(value: str) -> float | None:
+    return None if value == "none" else float(value)
 
 
 def text_of(tokenizer, num_tokens: int) -> str:
@@ -83,7 +101,8 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
         "dense": lambda: grouped_sdpa(query, keys, values, None, scaling),
         "squeezed": lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None, scaling,
                                                always_read=document.always_read[layer_idx],
-                                               estimate_rest=document.estimate_rest),
+                                               estimate_rest=document.estimate_rest,
+                                               keep_fraction=document.keep_fraction),
     }
     if path == "native":
         num_kv_heads, num_tokens, _ = layer.keys.shape
@@ -130,12 +149,10 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
 
 @torch.inference_mode()
 def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float], config: SqueezeConfig,
-                    settings: list[tuple[float, int, bool]], rule: str = "threshold",
-                    new_tokens: int = 16) -> dict[str, float]:
+                    settings: list[Setting], rule: str = "threshold", new_tokens: int = 16) -> dict:
     """Greedy answers with dense and squeezed attention over the same prefill; hit = the value appears (any case).
 
-    settings: (budget, dense layers, estimate rest) -> {"dense": accuracy, (budget, dense layers, estimate rest):
-    accuracy, ...}.
+    -> {"dense": accuracy, setting: accuracy, ...}.
     """
     from api.qa import ChatPrompt
 
@@ -151,7 +168,7 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
             if mode == "dense":
                 cache = dense_cache(document.clustered, len(prefix) + len(question) + new_tokens + 1)
             else:
-                view = document.with_budget(mode[0], rule, dense_layers=mode[1], estimate_rest=mode[2])
+                view = mode.view(document, rule)
                 cache = runner.new_tail_cache(view, len(question) + new_tokens + 1)
             logits = runner.prefill(cache, question)
             out = [int(logits.argmax())]
@@ -176,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=["ignore", "estimate"],
                         help="one row per value: the clusters a query does not read weigh nothing, or are "
                              "estimated by centroid and mean value")
+    parser.add_argument("--keep-fractions", type=keep_fraction_arg, nargs="+", default=[None],
+                        help="one row per value: 'none' reads whole clusters; a fraction of the keys treats the "
+                             "budget's clusters as candidates and keeps each query's best keys among them "
+                             "(rows with a fraction above the budget, or with --rest estimate, are skipped)")
     parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS,
                         help="the document's last positions form one cluster every query reads (0: none)")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
@@ -186,8 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
     config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens))
-    settings = [(budget, dense, rest == "estimate") for budget in args.budgets for dense in args.dense_layers
-                for rest in args.rest]
+    settings = [Setting(budget, dense, rest == "estimate", keep) for budget in args.budgets
+                for dense in args.dense_layers for rest in args.rest for keep in args.keep_fractions
+                if keep is None or (keep <= budget and rest == "ignore")]
+    if not settings:
+        parser.error("no valid setting: a keep fraction must not exceed its budget nor combine with --rest estimate")
     rows = []
     for item in args.plan:
         model, context = item.split(":")[0], int(item.split(":")[1])
@@ -214,16 +238,17 @@ def main(argv: list[str] | None = None) -> dict:
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)
-        for budget, dense_layers, estimate_rest in settings:
-            row = common | {"rule": args.rule, "budget": budget, "dense_layers": dense_layers,
-                            "rest": "estimate" if estimate_rest else "ignore"}
-            view = document.with_budget(budget, args.rule, dense_layers=dense_layers, estimate_rest=estimate_rest)
+        for setting in settings:
+            row = common | {"rule": args.rule, "budget": setting.budget, "dense_layers": setting.dense_layers,
+                            "rest": "estimate" if setting.estimate_rest else "ignore",
+                            "keep_fraction": setting.keep_fraction}
+            view = setting.view(document, args.rule)
             with torch.inference_mode():
                 row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 40).items()}
             row |= decode_comparison(runner, view, logits, args.steps)
             if needles:
                 row |= {"needle_dense": needles["dense"],
-                        "needle_squeezed": needles[(budget, dense_layers, estimate_rest)]}
+                        "needle_squeezed": needles[setting]}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
         del document

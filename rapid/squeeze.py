@@ -42,6 +42,9 @@ ESTIMATE_REST = False
 # layers, and agreement from 93.4 to 94.9% with none. A throwaway script that read the window on top of the 10%
 # measured 98.8 / 94.5%; R = 2048 the same as 1024, R = 4096 less (98.0%).
 RECENT_TOKENS = 1024
+# Two stages (kvcache.squeezed_attention's keep_fraction): the clusters within `budget` are candidates, and each query
+# attends to its keep_fraction of the document keys with the highest q.k among them. None reads whole clusters.
+KEEP_FRACTION = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class SqueezeConfig:
     sink_tokens: int = SINK_TOKENS  # clusters holding the first positions are always read
     dense_layers: int = DENSE_LAYERS  # the first layers attend to every document key (see DENSE_LAYERS)
     estimate_rest: bool = ESTIMATE_REST  # count the unread clusters by centroid and mean value (see ESTIMATE_REST)
+    keep_fraction: float | None = KEEP_FRACTION  # refine the budget's clusters to single keys (see KEEP_FRACTION)
 
     def __post_init__(self) -> None:
         if self.rule == "threshold" and self.budget not in self.budgets:
@@ -64,6 +68,16 @@ class SqueezeConfig:
             raise ValueError("calibration_window must be >= 1")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        _check_keep_fraction(self.keep_fraction, self.budget, self.estimate_rest)
+
+
+def _check_keep_fraction(keep_fraction: float | None, budget: float, estimate_rest: bool) -> None:
+    if keep_fraction is None:
+        return
+    if not 0 < keep_fraction <= budget:
+        raise ValueError(f"keep_fraction must be in (0, budget={budget}], got {keep_fraction}")
+    if estimate_rest:
+        raise ValueError("keep_fraction and estimate_rest do not combine: refined keys leave no cluster to estimate")
 
 
 class QueryRecorder:
@@ -89,6 +103,7 @@ class SqueezedDocument:
     recent_tokens: int = 0  # the clustering's recent window (ClusterConfig.recent_tokens), read whole
     dense_layers: int = DENSE_LAYERS
     estimate_rest: bool = ESTIMATE_REST
+    keep_fraction: float | None = KEEP_FRACTION
 
     def __post_init__(self) -> None:
         # per layer [Hkv, C]: the clusters holding one of the first `sink_tokens` or last `recent_tokens` positions
@@ -102,17 +117,20 @@ class SqueezedDocument:
                                            scaling, self.stats)
         return squeezed_attention(query, self.clustered.layers[layer_idx], self.rules[layer_idx], tail_keys,
                                   tail_values, tail_mask, scaling, self.stats, self.always_read[layer_idx],
-                                  self.estimate_rest)
+                                  self.estimate_rest, self.keep_fraction)
 
     def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold",
-                    dense_layers: int | None = None, estimate_rest: bool | None = None) -> SqueezedDocument:
+                    dense_layers: int | None = None, estimate_rest: bool | None = None,
+                    keep_fraction: float | None = None) -> SqueezedDocument:
         """The same clusters read under another budget (a calibrated one for "threshold"), and optionally
-        another count of dense first layers or another choice about the unread clusters."""
+        another count of dense first layers, another choice about the unread clusters, or single keys refined
+        out of the budget's clusters (keep_fraction; None reads them whole)."""
         dense_layers = self.dense_layers if dense_layers is None else dense_layers
         estimate_rest = self.estimate_rest if estimate_rest is None else estimate_rest
+        _check_keep_fraction(keep_fraction, budget, estimate_rest)
         return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens,
                                 sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                                dense_layers=dense_layers, estimate_rest=estimate_rest)
+                                dense_layers=dense_layers, estimate_rest=estimate_rest, keep_fraction=keep_fraction)
 
 
 def pinned_clusters(layer: ClusteredLayer, sink_tokens: int, recent_tokens: int = 0) -> torch.Tensor:
@@ -190,7 +208,7 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
                                 cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start,
                                 sink_tokens=config.sink_tokens, recent_tokens=config.cluster.recent_tokens,
                                 dense_layers=config.dense_layers,
-                                estimate_rest=config.estimate_rest,
+                                estimate_rest=config.estimate_rest, keep_fraction=config.keep_fraction,
                                 resumed_tokens=done)
     return document, logits
 

@@ -12,7 +12,7 @@ from api.settings import Settings
 def test_speculation_and_cache_settings_from_the_environment(monkeypatch, tmp_path):
     for name, value in {"DRAFTER": "layer-skip", "FUSE_RETRIEVAL": "false", "TREE_BUDGET": "6",
                         "LAYER_SKIP_LAYERS": "2", "ETA": "0.5", "ATTENTION": "squeezed", "SQUEEZE_BUDGET": "0.2",
-                        "DOCUMENT_CACHE_ROOM": "300"}.items():
+                        "SQUEEZE_KEEP_FRACTION": "0.1", "DOCUMENT_CACHE_ROOM": "300"}.items():
         monkeypatch.setenv(f"RAPID_{name}", value)
     settings = Settings(model="tiny", device="cpu", data_dir=tmp_path)
     backend = LocalBackend.from_settings(settings, load_embedder=False)
@@ -22,6 +22,7 @@ def test_speculation_and_cache_settings_from_the_environment(monkeypatch, tmp_pa
     assert backend.drafter_runner.model.config.num_hidden_layers == 2
     assert (cache.enabled, cache.attention, cache.squeeze.budget, cache.squeeze.rule, cache.room) == (
         True, "squeezed", 0.2, "threshold", 300)
+    assert cache.squeeze.keep_fraction == 0.1
 
 
 def test_defaults_are_rapid_self_speculation_over_the_dense_document():
@@ -36,6 +37,10 @@ def test_invalid_settings_are_refused(tmp_path):
     with pytest.raises(ValidationError, match="calibrated"):
         Settings(squeeze_budget=0.3)
     assert Settings(squeeze_budget=0.3, squeeze_rule="top").squeeze_budget == 0.3
+    with pytest.raises(ValidationError, match="exceeds squeeze_budget"):
+        Settings(squeeze_keep_fraction=0.2)
+    with pytest.raises(ValidationError, match="do not combine"):
+        Settings(squeeze_keep_fraction=0.05, squeeze_estimate_rest=True)
     with pytest.raises(ValidationError):
         Settings(drafter="small")
     with pytest.raises(ValidationError):
@@ -46,8 +51,8 @@ def test_invalid_settings_are_refused(tmp_path):
 
 
 def test_squeeze_defaults_follow_rapid_squeeze():
-    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, RECENT_TOKENS
+    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, KEEP_FRACTION, RECENT_TOKENS
 
     settings = Settings()
     assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_estimate_rest == ESTIMATE_REST
-    assert settings.squeeze_recent_tokens == RECENT_TOKENS
+    assert settings.squeeze_recent_tokens == RECENT_TOKENS and settings.squeeze_keep_fraction == KEEP_FRACTION

@@ -32,10 +32,12 @@ def test_all_clusters_equals_dense_logits(tiny_runner, document):
     assert squeezed.stats.read_fraction == pytest.approx(1.0)
 
 
-def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
+@pytest.mark.parametrize("keep_fraction", [None, 0.1], ids=["clusters", "refined"])
+def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document, keep_fraction):
     """Invariant 1 with the same attention mode on both sides: spec decoding over a squeezed cache."""
     question = [20, 21, 22, 23]
-    config = SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32, sink_tokens=4, dense_layers=0)
+    config = SqueezeConfig(CLUSTERS, budget=0.2, calibration_window=32, sink_tokens=4, dense_layers=0,
+                           keep_fraction=keep_fraction)
     squeezed, _ = squeeze_document(tiny_runner, document, config)
     reference_cache = tiny_runner.new_tail_cache(squeezed, 64)
     logits = tiny_runner.prefill(reference_cache, question)
@@ -48,6 +50,16 @@ def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document):
     out = [t for chunk in engine.generate(tail, question, [RetrievalDrafter(datastore, question)]) for t in chunk]
     assert out == reference
     assert squeezed.stats.read_fraction < 0.6
+    if keep_fraction is not None:
+        assert squeezed.stats.values_read < squeezed.stats.keys_read
+
+
+def test_keep_fraction_is_validated():
+    with pytest.raises(ValueError, match="keep_fraction"):
+        SqueezeConfig(budget=0.1, keep_fraction=0.2)
+    with pytest.raises(ValueError, match="do not combine"):
+        SqueezeConfig(budget=0.2, keep_fraction=0.1, estimate_rest=True)
+    assert SqueezeConfig(budget=0.2, keep_fraction=0.1).keep_fraction == 0.1
 
 
 def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, document):
