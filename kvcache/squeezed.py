@@ -51,10 +51,12 @@ class SqueezeStats:
     keys_read: int = 0
     keys_selected: int = 0
     values_read: int = 0
+    query_keys: int = 0  # Hkv * T * N per call: what keys_selected would be if every query attended to every key
 
     def add(self, doc_keys: int, queries: int, keys_read: int, keys_selected: int, values_read: int | None = None):
         self.doc_keys += doc_keys
         self.queries += queries
+        self.query_keys += doc_keys * queries
         self.keys_read += keys_read
         self.keys_selected += keys_selected
         self.values_read += keys_read if values_read is None else values_read
@@ -67,7 +69,7 @@ class SqueezeStats:
     @property
     def selected_fraction(self) -> float:
         """Fraction of the document keys one query attends to, on average."""
-        return self.keys_selected / max(self.doc_keys * self.queries, 1)
+        return self.keys_selected / max(self.query_keys, 1)
 
 
 def squeezed_attention(

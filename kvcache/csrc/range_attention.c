@@ -290,6 +290,28 @@ static float kth_largest(float *a, int64_t n, int64_t k) {
     return a[k];
 }
 
+/* The value of rank k (0 = largest) among a[0..n-1], exactly. For long arrays a strided sample brackets it, one pass
+ * copies the values inside the bracket into `band`, and the quickselect runs over those only (about one pass over
+ * a instead of several); when the bracket misses, over all of a. */
+static float rank_value(float *a, int64_t n, int64_t k, float *band) {
+    enum { SAMPLE = 1024, SLACK = 48 };
+    if (n < 8 * SAMPLE) return kth_largest(a, n, k);
+    float sample[SAMPLE];
+    const int64_t stride = n / SAMPLE;
+    for (int64_t i = 0; i < SAMPLE; i++) sample[i] = a[i * stride];
+    const int64_t rank = k * SAMPLE / n;
+    const float high = rank < SLACK ? 3e38f : kth_largest(sample, SAMPLE, rank - SLACK);
+    const float low = rank + SLACK >= SAMPLE ? -3e38f : kth_largest(sample, SAMPLE, rank + SLACK);
+    int64_t above = 0, inside = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float value = a[i];
+        if (value > high) above++;
+        else if (value >= low) band[inside++] = value;
+    }
+    if (above <= k && k < above + inside) return kth_largest(band, inside, k - above);
+    return kth_largest(a, n, k);
+}
+
 /* Two-stage squeezed attention: the ranges (clusters above a generous threshold) are candidates, and each query
  * attends to the `keep` candidate keys with the highest logit over the heads of its group, plus every key of a
  * pinned range, which it always keeps (sinks, recent window). Pass 1 reads the candidates' keys once and stores
@@ -309,8 +331,8 @@ int refined_attention(const float *query, const void *keys, const void *values, 
     if (rows > MAX_ROWS || dim > MAX_DIM || queries < 1 || rows % queries) return -1;
     static _Thread_local float key_block[BLOCK * MAX_DIM], value_row[MAX_DIM];
     static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
-    static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer;
-    static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity;
+    static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer, *index_buffer;
+    static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity, index_capacity;
     const int64_t group = rows / queries;
     const float pinned_score = 1e30f, unread = NEG_BIG;
     counts[0] = counts[1] = counts[2] = 0;
@@ -321,10 +343,12 @@ int refined_attention(const float *query, const void *keys, const void *values, 
         int64_t total = 0;
         for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) total += ends[i] - starts[i];
         float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * (rows * total + 1));
-        float *score = scratch(&score_buffer, &score_capacity, (int64_t)sizeof(float) * (2 * total + 1));
+        float *score = scratch(&score_buffer, &score_capacity, (int64_t)sizeof(float) * (3 * total + 1));
         uint8_t *kept = scratch(&kept_buffer, &kept_capacity, queries * total + 1);
-        if (!logits || !score || !kept) return -2;
-        float *pool = score + total;
+        int64_t *kept_positions = scratch(&index_buffer, &index_capacity, (int64_t)sizeof(int64_t) * (2 * total + 1));
+        if (!logits || !score || !kept || !kept_positions) return -2;
+        float *pool = score + total, *band = score + 2 * total;
+        int64_t *kept_index = kept_positions + total;
 
         /* Pass 1: every row's logit for every candidate key it reads (unread: NEG_BIG). */
         int64_t m = 0;
@@ -353,57 +377,71 @@ int refined_attention(const float *query, const void *keys, const void *values, 
         }
         counts[0] += total;
 
-        /* Per query: score = max logit over its group's heads; keep the `keep` best and the pinned keys. */
+        /* Per query: score = max logit over its group's heads, pinned keys first; keep the `keep` best. */
         for (int64_t n = 0; n < queries; n++) {
-            int64_t available = 0;
-            m = 0;
-            for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
-                const int pinned = range_pinned && range_pinned[i];
-                for (int64_t j = 0; j < ends[i] - starts[i]; j++, m++) {
-                    float best = unread;
-                    for (int64_t g = 0; g < group; g++) {
-                        const float logit = logits[(g * queries + n) * total + m];
-                        best = logit > best ? logit : best;
-                    }
-                    if (pinned && best > unread) best = pinned_score;
-                    score[m] = best;
-                    if (best > unread) pool[available++] = best;
-                }
+            memcpy(score, logits + n * total, sizeof(float) * total);
+            for (int64_t g = 1; g < group; g++) {
+                const float *row = logits + (g * queries + n) * total;
+#pragma omp simd
+                for (m = 0; m < total; m++) score[m] = row[m] > score[m] ? row[m] : score[m];
             }
-            const float cutoff = available > keep && keep > 0 ? kth_largest(pool, available, keep - 1) : unread / 2;
+            m = 0;
+            for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; m += ends[i] - starts[i], i++) {
+                if (!range_pinned || !range_pinned[i]) continue;
+                for (int64_t j = m; j < m + ends[i] - starts[i]; j++) score[j] = score[j] > unread ? pinned_score : unread;
+            }
+            int64_t available = 0;
+            for (m = 0; m < total; m++)
+                if (score[m] > unread) pool[available++] = score[m];
+            const float cutoff = available > keep && keep > 0 ? rank_value(pool, available, keep - 1, band) : unread / 2;
             uint8_t *kept_n = kept + n * total;
+#pragma omp simd
             for (m = 0; m < total; m++) kept_n[m] = score[m] > unread && score[m] >= cutoff;
         }
 
-        /* Pass 2: the exact softmax over each row's kept logits, reading the values of kept keys only. */
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = logits + r * total;
-            const uint8_t *kept_n = kept + (r % queries) * total;
-            float top = NEG_BIG;
-            for (m = 0; m < total; m++)
-                if (kept_n[m] && row[m] > top) top = row[m];
-            row_max[r] = top;
-            row_sum[r] = 0.0f;
-        }
-        memset(acc, 0, sizeof(float) * rows * dim);
+        /* The keys some query keeps, in candidate order, and where they are stored. */
+        int64_t num_kept = 0;
         m = 0;
         for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; i++) {
             for (int64_t position = starts[i]; position < ends[i]; position++, m++) {
                 int64_t keepers = 0;
                 for (int64_t n = 0; n < queries; n++) keepers += kept[n * total + m];
-                if (!keepers) continue;
-                counts[1]++;
                 counts[2] += keepers;
-                const float *v = as_f32(values, keys_are_bf16, head_base + position * dim, dim, value_row);
-                for (int64_t r = 0; r < rows; r++) {
-                    if (!kept[(r % queries) * total + m]) continue;
-                    float p = expf(logits[r * total + m] - row_max[r]);
-                    row_sum[r] += p;
-                    if (round_probs) p = round_to_bf16(p);
-                    float *a = acc + r * dim;
-#pragma omp simd
-                    for (int64_t d = 0; d < dim; d++) a[d] += p * v[d];
+                if (keepers) {
+                    kept_positions[num_kept] = position;
+                    kept_index[num_kept++] = m;
                 }
+            }
+        }
+        counts[1] += num_kept;
+
+        /* Pass 2: each row's exact softmax over its kept logits (in place), then the values of the kept keys. */
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = logits + r * total;
+            const uint8_t *kept_n = kept + (r % queries) * total;
+            float top = NEG_BIG, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+            for (m = 0; m < total; m++) top = kept_n[m] && row[m] > top ? row[m] : top;
+#pragma omp simd reduction(+ : sum)
+            for (m = 0; m < total; m++) {
+                row[m] = kept_n[m] ? expf(row[m] - top) : 0.0f;
+                sum += row[m];
+            }
+            if (round_probs) {
+#pragma omp simd
+                for (m = 0; m < total; m++) row[m] = round_to_bf16(row[m]);
+            }
+            row_max[r] = top;
+            row_sum[r] = sum;
+        }
+        memset(acc, 0, sizeof(float) * rows * dim);
+        for (int64_t c = 0; c < num_kept; c++) {
+            const float *v = as_f32(values, keys_are_bf16, head_base + kept_positions[c] * dim, dim, value_row);
+            for (int64_t r = 0; r < rows; r++) {
+                const float p = logits[r * total + kept_index[c]];
+                float *a = acc + r * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) a[d] += p * v[d];
             }
         }
         for (int64_t r = 0; r < rows; r++) {

@@ -262,3 +262,28 @@ def test_refined_kernel_keeps_each_querys_best_candidate_keys(dtype, queries, ke
         torch.testing.assert_close(out, whole_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse, whole_lse, atol=2e-5, rtol=2e-5)
         assert values_read == keys_read
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_refined_kernel_finds_the_exact_cutoff_among_many_candidates(ties):
+    """Past 8K candidates the cutoff comes from a sampled bracket and a quickselect inside it, still exact."""
+    generator = torch.Generator().manual_seed(6)
+    num_tokens, group = 20000, 3
+    query = torch.randn(NUM_KV_HEADS, group, HEAD_DIM, generator=generator) * HEAD_DIM**-0.5
+    keys = torch.randn(NUM_KV_HEADS, num_tokens, HEAD_DIM, generator=generator)
+    if ties:  # runs of identical keys: many equal logits around the cutoff
+        keys = keys[:, torch.arange(num_tokens) // 50]
+    values = torch.randn(NUM_KV_HEADS, num_tokens, HEAD_DIM, generator=generator)
+    starts = torch.tensor([0, 12000, 100, 9000, 300, 15000])
+    ends = torch.tensor([11000, 19000, 8900, 20000, 14000, 19990])
+    offsets = torch.tensor([0, 2, 4, 6])
+    for keep in (1, 2500, 9000):
+        out, lse, (_, values_read, kept) = native.refined_attention(
+            query, keys, values, starts, ends, offsets, None, None, 1, keep
+        )
+        expected_out, expected_lse = refined_reference(
+            query, keys, values, starts, ends, offsets, None, torch.zeros(6, dtype=torch.bool), 1, keep
+        )
+        torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
+        assert kept == values_read and (kept == NUM_KV_HEADS * keep or ties)

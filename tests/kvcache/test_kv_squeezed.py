@@ -359,3 +359,15 @@ def test_refinement_leaves_no_cluster_to_estimate(document):
     with pytest.raises(ValueError, match="keep_fraction"):
         squeezed_attention(queries(1, seed=40), layer, TopBudgetRule(0.3), tail_keys, tail_values, None, SCALING,
                            estimate_rest=True, keep_fraction=0.1)  # fmt: skip
+
+
+def test_stats_fractions_are_per_call_averages(document):
+    _, _, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=43)
+    once, twice = SqueezeStats(), SqueezeStats()
+    for stats, calls in ((once, 1), (twice, 2)):
+        for _ in range(calls):
+            squeezed_attention(queries(3, seed=44), layer, TopBudgetRule(0.1), tail_keys, tail_values, None, SCALING,
+                               stats)  # fmt: skip
+    assert twice.selected_fraction == pytest.approx(once.selected_fraction) and 0.1 <= once.selected_fraction < 0.2
+    assert twice.read_fraction == pytest.approx(once.read_fraction)
