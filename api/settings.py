@@ -103,8 +103,6 @@ class Settings(BaseSettings):
         if self.squeeze_keep_fraction is not None and self.squeeze_keep_fraction > self.squeeze_budget:
             raise ValueError(f"squeeze_keep_fraction {self.squeeze_keep_fraction} exceeds squeeze_budget "
                              f"{self.squeeze_budget}: the kept keys are picked among the budget's clusters")
-        if self.squeeze_keep_fraction is not None and self.squeeze_estimate_rest:
-            raise ValueError("squeeze_keep_fraction and squeeze_estimate_rest do not combine")
         return self
 
     @field_validator("api_keys", mode="before")

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep-fractions", type=keep_fraction_arg, nargs="+", default=[None],
                         help="one row per value: 'none' reads whole clusters; a fraction of the keys treats the "
                              "budget's clusters as candidates and keeps each query's best keys among them "
-                             "(rows with a fraction above the budget, or with --rest estimate, are skipped)")
+                             "(rows with a fraction above the budget are skipped)")
     parser.add_argument("--recent-tokens", type=int, default=RECENT_TOKENS,
                         help="the document's last positions form one cluster every query reads (0: none)")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens))
     settings = [Setting(budget, dense, rest == "estimate", keep) for budget in args.budgets
                 for dense in args.dense_layers for rest in args.rest for keep in args.keep_fractions
-                if keep is None or (keep <= budget and rest == "ignore")]
+                if keep is None or keep <= budget]
     if not settings:
-        parser.error("no valid setting: a keep fraction must not exceed its budget nor combine with --rest estimate")
+        parser.error("no valid setting: a keep fraction must not exceed its budget")
     rows = []
     for item in args.plan:
         model, context = item.split(":")[0], int(item.split(":")[1])

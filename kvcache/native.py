@@ -97,7 +97,7 @@ def load() -> ctypes.CDLL | None:
     library.centroid_logits.restype = None
     library.centroid_logits.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, _POINTER]
     library.select_ranges.restype = _INT64
-    library.select_ranges.argtypes = [*pointers, _POINTER, *sizes, *pointers, _POINTER, _POINTER]
+    library.select_ranges.argtypes = [*pointers, _POINTER, *sizes, *pointers, _POINTER, _POINTER, _POINTER]
     library.refined_attention.restype = ctypes.c_int
     library.refined_attention.argtypes = [
         *pointers[:3],
@@ -105,6 +105,9 @@ def load() -> ctypes.CDLL | None:
         ctypes.c_int,
         *pointers,
         _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT64,
         *sizes,
         _INT64,
         _INT64,
@@ -168,10 +171,11 @@ def select_ranges(
     offsets: Tensor,  # [Hkv, C+1] int64
     pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
     queries: int,  # N
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, int, int]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, Tensor, int, int]:
     """The threshold rule's ranges (see select_ranges in csrc/range_attention.c), ready for range_attention:
     starts [Q], ends [Q], range_offsets [Hkv+1], row_mask [Q, G*N] bool (None for one query), pinned [Q] bool
-    (the range's cluster is pinned), keys read (the union over queries) and keys selected (summed over queries)."""
+    (the range's cluster is pinned), clusters [Q] int64 (the range's cluster), keys read (the union over queries)
+    and keys selected (summed over queries)."""
     library = load()
     assert library is not None, "select_ranges called without the native library; check supports() first"
     num_kv_heads, rows, num_clusters = logits.shape
@@ -186,16 +190,18 @@ def select_ranges(
     range_offsets = torch.empty(num_kv_heads + 1, dtype=torch.int64)
     row_mask = None if queries == 1 else torch.empty(num_kv_heads * num_clusters, rows, dtype=torch.bool)
     range_pinned = torch.zeros(num_kv_heads * num_clusters, dtype=torch.bool)
+    range_clusters = torch.empty(num_kv_heads * num_clusters, dtype=torch.int64)
     counts = torch.empty(2, dtype=torch.int64)
     count = library.select_ranges(
         logits.data_ptr(), thresholds.data_ptr(), sizes.data_ptr(), offsets.data_ptr(),
         None if pinned is None else pinned.data_ptr(), num_kv_heads, rows // queries, queries, num_clusters,
         starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if row_mask is None else row_mask.data_ptr(),
-        range_pinned.data_ptr(), counts.data_ptr(),
+        range_pinned.data_ptr(), range_clusters.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
     assert count >= 0, f"select_ranges refused {rows} rows"
     mask = None if row_mask is None else row_mask[:count]
-    return starts[:count], ends[:count], range_offsets, mask, range_pinned[:count], int(counts[0]), int(counts[1])
+    pinned_ranges, clusters = range_pinned[:count], range_clusters[:count]
+    return starts[:count], ends[:count], range_offsets, mask, pinned_ranges, clusters, int(counts[0]), int(counts[1])
 
 
 def refined_attention(
@@ -210,11 +216,14 @@ def refined_attention(
     queries: int,  # N
     keep: int,  # keys each query keeps per kv head, besides the pinned ones it reads
     round_probs: bool = False,
+    means: Tensor | None = None,  # [Hkv, C, D], the dtype of keys: each cluster's mean value
+    clusters: Tensor | None = None,  # [Q] int64: each range's cluster (with means)
 ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """Two-stage attention (refined_attention in csrc/range_attention.c): each query attends to the `keep`
-    candidate keys with the highest logit over its group's heads, plus every pinned key it reads. Returns out
-    [Hkv, G*N, D] fp32, lse [Hkv, G*N] fp32 (-inf for a row that kept nothing) and the counts of keys whose K
-    was read, keys whose V was read, and keys kept summed over queries."""
+    candidate keys with the highest logit over its group's heads, plus every pinned key it reads; with means, the
+    candidates it drops count at their exact logit holding their cluster's mean value. Returns out [Hkv, G*N, D]
+    fp32, lse [Hkv, G*N] fp32 (-inf for a row that read nothing) and the counts of keys whose K was read, keys
+    whose V was read, and keys kept summed over queries."""
     library = load()
     assert library is not None, "refined_attention called without the native library; check supports() first"
     num_kv_heads, rows, dim = query.shape
@@ -226,13 +235,21 @@ def refined_attention(
     query, starts, ends, range_offsets = (t.contiguous() for t in (query.float(), starts, ends, range_offsets))
     mask = None if row_mask is None else row_mask.contiguous()
     pinned = None if pinned is None else pinned.contiguous()
+    assert (means is None) == (clusters is None)
+    num_clusters = 0
+    if means is not None:
+        assert means.dtype == keys.dtype and means.is_contiguous() and means.shape[0] == num_kv_heads
+        assert means.shape[2] == dim and clusters.dtype == torch.int64 and clusters.shape == starts.shape
+        num_clusters, clusters = means.shape[1], clusters.contiguous()
     out = torch.empty(num_kv_heads, rows, dim)
     lse = torch.empty(num_kv_heads, rows)
     counts = torch.empty(3, dtype=torch.int64)
     status = library.refined_attention(
         query.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16), int(round_probs),
         starts.data_ptr(), ends.data_ptr(), range_offsets.data_ptr(), None if mask is None else mask.data_ptr(),
-        None if pinned is None else pinned.data_ptr(), num_kv_heads, queries, rows, keys.shape[1], dim, keep,
+        None if pinned is None else pinned.data_ptr(), None if means is None else means.data_ptr(),
+        None if clusters is None else clusters.data_ptr(), num_clusters, num_kv_heads, queries, rows, keys.shape[1],
+        dim, keep,
         out.data_ptr(), lse.data_ptr(), counts.data_ptr(),
     )  # fmt: skip
     if status == -2:

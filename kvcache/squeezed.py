@@ -33,7 +33,6 @@ from kvcache.selection import (
     centroid_logits,
     padded_ranges,
     score_clusters,
-    select_clusters,
 )
 
 
@@ -89,9 +88,10 @@ def squeezed_attention(
 
     For N > 1 each query reads only its own clusters, so every query gets exactly what it would get alone.
     keep_fraction: refine the keys (two stages). The selected clusters are candidates; each query scores their
-    keys by q.k (the max over its group's heads) and attends to the keep_fraction * T best, plus every key of an
-    `always_read` cluster. Single keys hold more attention mass than whole clusters for the same values read;
-    the candidates' keys are read once more than their values.
+    keys by q.k (the max over its group's heads) and attends exactly to the keep_fraction * T best, plus every key
+    of an `always_read` cluster; the candidates it drops count at their exact logit holding their cluster's mean
+    value. Single keys hold more attention mass than whole clusters for the same values read; the candidates'
+    keys are read, but only the kept keys' values.
     estimate_rest: also count the clusters a query does not read, each as its N_j keys at the centroid's
     logit holding the cluster's mean value (one more softmax part over the centroids already scored).
     That is exact for clusters whose keys and values are all equal, and it keeps the attention mass of
@@ -104,10 +104,9 @@ def squeezed_attention(
     group = num_heads // num_kv_heads
     q = query[0].float().view(num_kv_heads, group, num_queries, head_dim)
     native_path = native.supports(doc.keys, group * num_queries)
-    if keep_fraction is not None and estimate_rest:
-        raise ValueError("keep_fraction and estimate_rest do not combine: refined keys leave no cluster to estimate")
     keep = None if keep_fraction is None else max(1, round(keep_fraction * doc.num_tokens))
     values_read = None
+    parts: list[tuple[Tensor, Tensor]] = []
 
     if native_path and not estimate_rest and _flat_threshold(rule, doc):  # scoring and selection in C as well
         logits = centroid_logits(q, doc, scaling).view(num_kv_heads, group * num_queries, -1)
@@ -115,28 +114,6 @@ def squeezed_attention(
             logits, rule.log_thresholds, doc.sizes, doc.offsets, always_read, num_queries
         )
         ranges = KeyRanges(*ranges)
-        if keep is None:
-            parts = _ranges_parts(query, doc, ranges, tail_keys, tail_values, tail_mask, scaling)
-        else:
-            parts, (keys_read, values_read, keys_selected) = _refined_parts(
-                query, doc, ranges, keep, tail_keys, tail_values, tail_mask, scaling
-            )
-    elif keep is not None:
-        selected = select_clusters(q, doc, rule, scaling)
-        if always_read is not None:
-            selected = selected | always_read[:, None, :]
-        union = selected.any(dim=1)
-        if native_path:
-            ranges = KeyRanges.of(doc, selected, union, group, always_read)
-            parts, (keys_read, values_read, keys_selected) = _refined_parts(
-                query, doc, ranges, keep, tail_keys, tail_values, tail_mask, scaling
-            )
-        else:
-            doc_part, (keys_read, values_read, keys_selected) = _refined_gathered_part(
-                query, doc, selected, union, always_read, keep, scaling
-            )
-            rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
-            parts = [doc_part, _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
     else:
         selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
         if always_read is not None:
@@ -144,16 +121,25 @@ def squeezed_attention(
         union = selected.any(dim=1)  # [Hkv, C], the clusters read
         if stats is not None:
             keys_read, keys_selected = int((union * doc.sizes).sum()), int((selected * doc.sizes[:, None, :]).sum())
-        if native_path:
-            ranges = KeyRanges.of(doc, selected, union, group)
-            parts = _ranges_parts(query, doc, ranges, tail_keys, tail_values, tail_mask, scaling)
-        elif estimate_rest:
-            parts = [_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)]
-        else:
-            parts = []
-            out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
+        ranges = KeyRanges.of(doc, selected, union, group, always_read) if native_path else None
         if estimate_rest:
             parts.append(_estimated_rest(logits, selected, doc))
+
+    if keep is not None:
+        if ranges is not None:
+            doc_part, (keys_read, values_read, keys_selected) = _refined_native(query, doc, ranges, keep, scaling)
+        else:
+            doc_part, (keys_read, values_read, keys_selected) = _refined_gathered(
+                query, doc, selected, union, always_read, keep, scaling
+            )
+        rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
+        parts += [doc_part, _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
+    elif ranges is not None:
+        parts += _ranges_parts(query, doc, ranges, tail_keys, tail_values, tail_mask, scaling)
+    elif estimate_rest:
+        parts.append(_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling))
+    else:
+        out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
     if parts:
         out = _merge(parts).reshape(query.shape).to(query.dtype)
 
@@ -177,6 +163,7 @@ class KeyRanges:
     range_offsets: Tensor  # [Hkv+1] int64
     row_mask: Tensor | None  # [Q, G*N] bool (rows g*N + n); None: every row reads every range
     pinned: Tensor | None = None  # [Q] bool: the range is an always-read cluster (its keys survive refinement)
+    clusters: Tensor | None = None  # [Q] int64: the range's cluster
 
     @classmethod
     def of(
@@ -189,7 +176,8 @@ class KeyRanges:
         range_offsets[1:] = torch.bincount(heads, minlength=num_kv_heads).cumsum(0)
         row_mask = None if num_queries == 1 else selected[heads, :, clusters].repeat(1, group)  # [Q, G*N]
         pinned = None if always_read is None else always_read[heads, clusters]
-        return cls(doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1], range_offsets, row_mask, pinned)
+        starts, ends = doc.offsets[heads, clusters], doc.offsets[heads, clusters + 1]
+        return cls(starts, ends, range_offsets, row_mask, pinned, clusters)
 
 
 def _ranges_parts(
@@ -210,31 +198,28 @@ def _ranges_parts(
     return [(doc_out[None], doc_lse[None]), _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)]
 
 
-def _refined_parts(
-    query: Tensor, doc: ClusteredLayer, ranges: KeyRanges, keep: int, tail_keys: Tensor, tail_values: Tensor,
-    tail_mask: Tensor | None, scaling: float,
-) -> tuple[list[tuple[Tensor, Tensor]], tuple[int, int, int]]:  # fmt: skip
-    """The native two-stage path: the kernel keeps each query's `keep` best candidate keys, SDPA reads the tail.
-    Returns both softmax parts and the counts (keys whose K was read, whose V was read, kept over queries)."""
+def _refined_native(
+    query: Tensor, doc: ClusteredLayer, ranges: KeyRanges, keep: int, scaling: float
+) -> tuple[tuple[Tensor, Tensor], tuple[int, int, int]]:
+    """The native two-stage document part (out [1, Hkv, G*N, D], lse [1, Hkv, G*N]) and its counts: keys whose K
+    was read, keys whose V was read, keys kept summed over queries."""
     _, num_heads, num_queries, head_dim = query.shape
     num_kv_heads = doc.keys.shape[0]
-    group = num_heads // num_kv_heads
-    folded = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim) * scaling
-    doc_out, doc_lse, counts = native.refined_attention(
+    folded = query[0].float().reshape(num_kv_heads, -1, head_dim) * scaling
+    out, lse, counts = native.refined_attention(
         folded, doc.keys, doc.values, ranges.starts, ranges.ends, ranges.range_offsets, ranges.row_mask,
-        ranges.pinned, num_queries, keep, round_probs=doc.keys.dtype == torch.bfloat16,
+        ranges.pinned, num_queries, keep, round_probs=doc.keys.dtype == torch.bfloat16,  # as the dense bf16 path
+        means=doc.compact_value_means, clusters=ranges.clusters,
     )  # fmt: skip
-    rows = fold_queries(query.to(doc.keys.dtype), num_kv_heads)
-    tail_part = _tail_part(rows, tail_keys, tail_values, tail_mask, group, scaling)
-    return [(doc_out[None], doc_lse[None]), tail_part], counts
+    return (out[None], lse[None]), counts
 
 
-def _refined_gathered_part(
+def _refined_gathered(
     query: Tensor, doc: ClusteredLayer, selected: Tensor, union: Tensor, always_read: Tensor | None, keep: int,
     scaling: float,
 ) -> tuple[tuple[Tensor, Tensor], tuple[int, int, int]]:  # fmt: skip
     """The torch two-stage path (see squeezed_attention's keep_fraction): the document part (out [1, Hkv, G*N, D],
-    lse [1, Hkv, G*N]) over each query's kept candidate keys, and the counts as _refined_parts returns them."""
+    lse [1, Hkv, G*N]) over each query's candidate keys, and the counts as _refined_native returns them."""
     _, num_heads, num_queries, head_dim = query.shape
     num_kv_heads = doc.keys.shape[0]
     group = num_heads // num_kv_heads
@@ -252,13 +237,17 @@ def _refined_gathered_part(
     kept = reads
     if 0 < keep < score.shape[-1]:
         kept = reads & (score >= score.topk(keep, dim=-1).values[..., -1:])
-    logits = logits.masked_fill(~kept[:, None], -math.inf).view(num_kv_heads, group * num_queries, -1)
-    lse = torch.logsumexp(logits, dim=-1)  # -inf for a row that kept nothing
+    logits = logits.view(num_kv_heads, group * num_queries, -1)
+    lse = torch.logsumexp(logits, dim=-1)  # over every candidate read; -inf for a row that read nothing
     probs = torch.exp(logits - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
+    kept_rows = kept[:, None].expand(-1, group, -1, -1).reshape(probs.shape)
+    kept_probs, dropped_probs = probs * kept_rows, probs * ~kept_rows
     if doc.keys.dtype == torch.bfloat16:  # the rounding the dense bf16 path has
-        probs = probs.bfloat16().float()
+        kept_probs = kept_probs.bfloat16().float()
+    means = doc.value_means.gather(1, cluster[..., None].expand(-1, -1, head_dim))  # [Hkv, M, D]
+    out = kept_probs @ values + dropped_probs @ means
     counts = (int(valid.sum()), int(kept.any(dim=1).sum()), int(kept.sum()))
-    return ((probs @ values)[None], lse[None]), counts
+    return (out[None], lse[None]), counts
 
 
 def _gathered_rows(

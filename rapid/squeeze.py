@@ -68,16 +68,12 @@ class SqueezeConfig:
             raise ValueError("calibration_window must be >= 1")
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
-        _check_keep_fraction(self.keep_fraction, self.budget, self.estimate_rest)
+        _check_keep_fraction(self.keep_fraction, self.budget)
 
 
-def _check_keep_fraction(keep_fraction: float | None, budget: float, estimate_rest: bool) -> None:
-    if keep_fraction is None:
-        return
-    if not 0 < keep_fraction <= budget:
+def _check_keep_fraction(keep_fraction: float | None, budget: float) -> None:
+    if keep_fraction is not None and not 0 < keep_fraction <= budget:
         raise ValueError(f"keep_fraction must be in (0, budget={budget}], got {keep_fraction}")
-    if estimate_rest:
-        raise ValueError("keep_fraction and estimate_rest do not combine: refined keys leave no cluster to estimate")
 
 
 class QueryRecorder:
@@ -127,7 +123,7 @@ class SqueezedDocument:
         out of the budget's clusters (keep_fraction; None reads them whole)."""
         dense_layers = self.dense_layers if dense_layers is None else dense_layers
         estimate_rest = self.estimate_rest if estimate_rest is None else estimate_rest
-        _check_keep_fraction(keep_fraction, budget, estimate_rest)
+        _check_keep_fraction(keep_fraction, budget)
         return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens,
                                 sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
                                 dense_layers=dense_layers, estimate_rest=estimate_rest, keep_fraction=keep_fraction)

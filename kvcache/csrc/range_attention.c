@@ -201,13 +201,14 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
  * whether query n reads range q (every head g of its group alike).
  *   logits [Hkv, G*N, C] fp32, thresholds [Hkv] fp32, sizes [Hkv, C] int64, offsets [Hkv, C+1] int64,
  *   pinned [Hkv, C] uint8 or NULL; out: starts / ends [Hkv*C], range_offsets [Hkv+1], row_mask [Hkv*C, G*N]
- *   or NULL (then N must be 1), range_pinned [Hkv*C] or NULL (1 = the range's cluster is pinned), counts [2] = keys
+ *   or NULL (then N must be 1), range_pinned [Hkv*C] or NULL (1 = the range's cluster is pinned), range_clusters
+ *   [Hkv*C] or NULL (the range's cluster), counts [2] = keys
  *   read (the union over queries) and keys selected (summed over queries). Returns the number of ranges, or -1 when
  *   G*N exceeds MAX_ROWS. */
 int64_t select_ranges(const float *logits, const float *thresholds, const int64_t *sizes, const int64_t *offsets,
                       const uint8_t *pinned, int64_t num_kv_heads, int64_t group, int64_t queries,
                       int64_t num_clusters, int64_t *starts, int64_t *ends, int64_t *range_offsets, uint8_t *row_mask,
-                      uint8_t *range_pinned, int64_t *counts) {
+                      uint8_t *range_pinned, int64_t *range_clusters, int64_t *counts) {
     const int64_t rows = group * queries;
     if (rows > MAX_ROWS || (!row_mask && queries != 1)) return -1;
     static _Thread_local float cutoff[MAX_ROWS];
@@ -245,6 +246,7 @@ int64_t select_ranges(const float *logits, const float *thresholds, const int64_
             starts[count] = offsets[h * (num_clusters + 1) + j];
             ends[count] = offsets[h * (num_clusters + 1) + j + 1];
             if (range_pinned) range_pinned[count] = (uint8_t)always;
+            if (range_clusters) range_clusters[count] = j;
             if (row_mask)
                 for (int64_t g = 0; g < group; g++) memcpy(row_mask + count * rows + g * queries, reads, queries);
             counts[0] += head_sizes[j];
@@ -315,22 +317,25 @@ static float rank_value(float *a, int64_t n, int64_t k, float *band) {
 /* Two-stage squeezed attention: the ranges (clusters above a generous threshold) are candidates, and each query
  * attends to the `keep` candidate keys with the highest logit over the heads of its group, plus every key of a
  * pinned range, which it always keeps (sinks, recent window). Pass 1 reads the candidates' keys once and stores
- * every row's logits; a quickselect per query finds its cutoff; pass 2 reads the values of the kept keys only,
- * with an exact softmax over the kept logits. Single keys chosen by q.k hold far more of the attention mass than
- * whole clusters chosen by centroid for the same values read.
+ * every row's logits; a quickselect per query finds its cutoff; pass 2 reads the values of the kept keys only.
+ * With means, the candidates a query drops still count, at their exact logit, holding their cluster's mean value
+ * (the softmax runs over every candidate); without, the softmax runs over the kept keys alone. Single keys chosen
+ * by q.k hold far more of the attention mass than whole clusters chosen by centroid for the same values read.
  * Shapes as range_attention, with rows r = g*N + n (G = rows / queries heads of query n) and
  *   range_pinned [Q] uint8 or NULL: 1 = every key of the range is kept by the rows that read it;
+ *   means [Hkv, C, D] (the dtype of values) and range_clusters [Q] int64: each range's cluster, or both NULL;
  *   counts [3]: keys whose K was read (union over queries), keys whose V was read (kept by some query),
  *   keys kept summed over queries.
  * Returns 0, -1 when rows or dim exceed the fixed buffers, -2 when scratch memory cannot be had. */
 int refined_attention(const float *query, const void *keys, const void *values, int keys_are_bf16, int round_probs,
                       const int64_t *starts, const int64_t *ends, const int64_t *range_offsets,
-                      const uint8_t *row_mask, const uint8_t *range_pinned, int64_t num_kv_heads, int64_t queries,
+                      const uint8_t *row_mask, const uint8_t *range_pinned, const void *means,
+                      const int64_t *range_clusters, int64_t num_clusters, int64_t num_kv_heads, int64_t queries,
                       int64_t rows, int64_t num_tokens, int64_t dim, int64_t keep, float *out, float *lse,
                       int64_t *counts) {
     if (rows > MAX_ROWS || dim > MAX_DIM || queries < 1 || rows % queries) return -1;
     static _Thread_local float key_block[BLOCK * MAX_DIM], value_row[MAX_DIM];
-    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS], dropped[MAX_ROWS];
     static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer, *index_buffer;
     static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity, index_capacity;
     const int64_t group = rows / queries;
@@ -415,26 +420,70 @@ int refined_attention(const float *query, const void *keys, const void *values, 
         }
         counts[1] += num_kept;
 
-        /* Pass 2: each row's exact softmax over its kept logits (in place), then the values of the kept keys. */
+        /* Pass 2: each row's exact softmax (in place: logits become probabilities) over its kept keys, or with means
+         * over every candidate it reads, the dropped ones weighing their cluster's mean value; then the values of
+         * the kept keys. */
+        const int estimate_dropped = means && range_clusters;
         for (int64_t r = 0; r < rows; r++) {
             float *row = logits + r * total;
             const uint8_t *kept_n = kept + (r % queries) * total;
             float top = NEG_BIG, sum = 0.0f;
+            if (estimate_dropped) {
 #pragma omp simd reduction(max : top)
-            for (m = 0; m < total; m++) top = kept_n[m] && row[m] > top ? row[m] : top;
+                for (m = 0; m < total; m++) top = row[m] > top ? row[m] : top;
 #pragma omp simd reduction(+ : sum)
-            for (m = 0; m < total; m++) {
-                row[m] = kept_n[m] ? expf(row[m] - top) : 0.0f;
-                sum += row[m];
-            }
-            if (round_probs) {
-#pragma omp simd
-                for (m = 0; m < total; m++) row[m] = round_to_bf16(row[m]);
+                for (m = 0; m < total; m++) {
+                    row[m] = row[m] > unread ? expf(row[m] - top) : 0.0f;
+                    sum += row[m];
+                }
+            } else {
+#pragma omp simd reduction(max : top)
+                for (m = 0; m < total; m++) top = kept_n[m] && row[m] > top ? row[m] : top;
+#pragma omp simd reduction(+ : sum)
+                for (m = 0; m < total; m++) {
+                    row[m] = kept_n[m] ? expf(row[m] - top) : 0.0f;
+                    sum += row[m];
+                }
             }
             row_max[r] = top;
             row_sum[r] = sum;
         }
         memset(acc, 0, sizeof(float) * rows * dim);
+        if (estimate_dropped) {  /* per range: the dropped keys' probability times the cluster's mean value */
+            m = 0;
+            for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; m += ends[i] - starts[i], i++) {
+                const int64_t length = ends[i] - starts[i];
+                int any = 0;
+                for (int64_t r = 0; r < rows; r++) {
+                    float *row = logits + r * total + m;
+                    const uint8_t *kept_n = kept + (r % queries) * total + m;
+                    float weight = 0.0f;
+#pragma omp simd reduction(+ : weight)
+                    for (int64_t j = 0; j < length; j++) {
+                        weight += kept_n[j] ? 0.0f : row[j];
+                        row[j] = kept_n[j] ? row[j] : 0.0f;
+                    }
+                    dropped[r] = weight;
+                    any |= weight > 0.0f;
+                }
+                if (!any) continue;
+                const int64_t at = (h * num_clusters + range_clusters[i]) * dim;
+                const float *mean = as_f32(means, keys_are_bf16, at, dim, value_row);
+                for (int64_t r = 0; r < rows; r++) {
+                    const float weight = dropped[r];
+                    float *a = acc + r * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; d++) a[d] += weight * mean[d];
+                }
+            }
+        }
+        if (round_probs) {
+            for (int64_t r = 0; r < rows; r++) {
+                float *row = logits + r * total;
+#pragma omp simd
+                for (m = 0; m < total; m++) row[m] = round_to_bf16(row[m]);
+            }
+        }
         for (int64_t c = 0; c < num_kept; c++) {
             const float *v = as_f32(values, keys_are_bf16, head_base + kept_positions[c] * dim, dim, value_row);
             for (int64_t r = 0; r < rows; r++) {

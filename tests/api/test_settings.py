@@ -39,8 +39,6 @@ def test_invalid_settings_are_refused(tmp_path):
     assert Settings(squeeze_budget=0.3, squeeze_rule="top").squeeze_budget == 0.3
     with pytest.raises(ValidationError, match="exceeds squeeze_budget"):
         Settings(squeeze_keep_fraction=0.2)
-    with pytest.raises(ValidationError, match="do not combine"):
-        Settings(squeeze_keep_fraction=0.05, squeeze_estimate_rest=True)
     with pytest.raises(ValidationError):
         Settings(drafter="small")
     with pytest.raises(ValidationError):

@@ -18,13 +18,13 @@ def test_bench_kvcache_reports_one_row_per_setting():
         assert len(regrets) == len(margins) and all(r >= m for r, m in zip(regrets, margins, strict=True))
 
 
-def test_bench_kvcache_refined_rows_skip_what_cannot_combine():
+def test_bench_kvcache_refined_rows_skip_keep_fractions_above_the_budget():
     result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--needle-depths", "--budgets", "0.05", "0.2",
                                  "--dense-layers", "0", "--rest", "ignore", "estimate", "--recent-tokens", "0",
                                  "--keep-fractions", "none", "0.1"])
     settings = [(r["budget"], r["rest"], r["keep_fraction"]) for r in result["rows"]]
     assert settings == [(0.05, "ignore", None), (0.05, "estimate", None), (0.2, "ignore", None),
-                        (0.2, "ignore", 0.1), (0.2, "estimate", None)]
+                        (0.2, "ignore", 0.1), (0.2, "estimate", None), (0.2, "estimate", 0.1)]
     refined = result["rows"][3]
     assert refined["kv_read_fraction"] < result["rows"][2]["kv_read_fraction"]  # V of the kept keys only
 

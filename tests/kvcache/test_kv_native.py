@@ -199,7 +199,8 @@ def test_native_threshold_selection_equals_torchs(num_queries):
         *ranges, keys_read, keys_selected = native.select_ranges(
             logits, thresholds, layer.sizes, layer.offsets, pinned, num_queries
         )
-        wanted = (expected.starts, expected.ends, expected.range_offsets, expected.row_mask, expected.pinned)
+        wanted = (expected.starts, expected.ends, expected.range_offsets, expected.row_mask, expected.pinned,
+                  expected.clusters)
         for ours, theirs in zip(ranges, wanted, strict=True):
             assert (ours is None and theirs is None) or torch.equal(ours, theirs)
         assert keys_read == int((union * layer.sizes).sum())
@@ -208,9 +209,11 @@ def test_native_threshold_selection_equals_torchs(num_queries):
             assert 0.2 < selected.float().mean() / (layer.sizes > 0).float().mean() < 0.8
 
 
-def refined_reference(query, keys, values, starts, ends, range_offsets, row_mask, pinned, queries, keep):
+def refined_reference(query, keys, values, starts, ends, range_offsets, row_mask, pinned, queries, keep,
+                      means=None, clusters=None):
     """Per query n: its candidate keys scored by the max logit over the heads of its group, the `keep` best
-    and every pinned key kept, then each row's fp32 softmax over the kept keys."""
+    and every pinned key kept, then each row's fp32 softmax over the kept keys; with means, over every
+    candidate, a dropped one holding its range's cluster mean."""
     num_kv_heads, rows, dim = query.shape
     group = rows // queries
     out, lse = torch.zeros(num_kv_heads, rows, dim), torch.full((num_kv_heads, rows), -math.inf)
@@ -226,16 +229,22 @@ def refined_reference(query, keys, values, starts, ends, range_offsets, row_mask
             logits = query[head, own_rows] @ keys[head, index].float().T  # [G, M]
             score = logits.amax(0).masked_fill(forced, math.inf)
             kept = score >= score.topk(min(keep, len(score))).values[-1]
+            weighed, held = kept, values[head, index].float()
+            if means is not None:
+                weighed = torch.ones_like(kept)
+                cluster = torch.cat([torch.full((int(ends[i] - starts[i]),), int(clusters[i])) for i in reads])
+                held = torch.where(kept[:, None], held, means[head, cluster].float())
             for g, row in enumerate(own_rows):
-                lse[head, row] = torch.logsumexp(logits[g, kept], 0)
-                out[head, row] = torch.softmax(logits[g, kept], 0) @ values[head, index[kept]].float()
+                lse[head, row] = torch.logsumexp(logits[g, weighed], 0)
+                out[head, row] = torch.softmax(logits[g, weighed], 0) @ held[weighed]
     return out, lse
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [1, 4])
 @pytest.mark.parametrize("keep", [1, 40, 1000])
-def test_refined_kernel_keeps_each_querys_best_candidate_keys(dtype, queries, keep):
+@pytest.mark.parametrize("estimate_dropped", [False, True], ids=["kept-only", "dropped-at-means"])
+def test_refined_kernel_keeps_each_querys_best_candidate_keys(dtype, queries, keep, estimate_dropped):
     generator = torch.Generator().manual_seed(4)
     group = 3
     rows = group * queries
@@ -247,11 +256,15 @@ def test_refined_kernel_keeps_each_querys_best_candidate_keys(dtype, queries, ke
     row_mask = None if queries == 1 else per_query.repeat(1, group)  # rows g*N + n: every head of query n alike
     pinned = torch.zeros(len(starts), dtype=torch.bool)
     pinned[offsets[:-1] + 2] = True  # one range per head, read by some queries only
+    means = clusters = None
+    if estimate_dropped:
+        means = torch.randn(NUM_KV_HEADS, 7, HEAD_DIM, generator=generator).to(dtype)
+        clusters = torch.randint(0, 7, (len(starts),), generator=generator)
     out, lse, (keys_read, values_read, kept) = native.refined_attention(
-        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep
+        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep, means=means, clusters=clusters
     )
     expected_out, expected_lse = refined_reference(
-        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep
+        query, keys, values, starts, ends, offsets, row_mask, pinned, queries, keep, means, clusters
     )
     torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)

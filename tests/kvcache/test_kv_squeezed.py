@@ -334,7 +334,8 @@ def test_each_tree_query_refines_what_it_would_alone(document):
 
 
 def test_refinement_attends_to_the_best_candidate_keys_and_the_tail(document):
-    """Decode: the query attends to the keep_fraction * T candidate keys of highest max-over-heads logit."""
+    """Decode: the query attends exactly to the keep_fraction * T candidate keys of highest max-over-heads logit,
+    and to the other candidates at their logit holding their cluster's mean value."""
     keys, values, _, layer = document
     tail_keys, tail_values = tail(NUM_PREFIX, seed=41)
     query = queries(1, seed=42, scale=3.0)
@@ -347,18 +348,46 @@ def test_refinement_attends_to_the_best_candidate_keys_and_the_tail(document):
         rows = ranges_to_indices(layer.offsets[head], candidates[head])
         q = query[0, head * group : (head + 1) * group, 0]  # [G, D]
         best = (q @ layer.keys[head, rows].T).amax(0).topk(round(0.1 * NUM_DOC)).indices
-        kept_keys = torch.cat([layer.keys[head, rows[best]], tail_keys[0, head]])
-        kept_values = torch.cat([layer.values[head, rows[best]], tail_values[0, head]])
-        expected[head] = torch.softmax(q @ kept_keys.T * SCALING, dim=-1) @ kept_values
+        cluster = torch.searchsorted(layer.offsets[head, 1:], rows, right=True)
+        candidate_values = layer.value_means[head, cluster]
+        candidate_values[best] = layer.values[head, rows[best]]
+        all_keys = torch.cat([layer.keys[head, rows], tail_keys[0, head]])
+        all_values = torch.cat([candidate_values, tail_values[0, head]])
+        expected[head] = torch.softmax(q @ all_keys.T * SCALING, dim=-1) @ all_values
     torch.testing.assert_close(out, expected.view_as(out), atol=1e-5, rtol=1e-5)
 
 
-def test_refinement_leaves_no_cluster_to_estimate(document):
-    _, _, _, layer = document
-    tail_keys, tail_values = tail(NUM_PREFIX, seed=39)
-    with pytest.raises(ValueError, match="keep_fraction"):
-        squeezed_attention(queries(1, seed=40), layer, TopBudgetRule(0.3), tail_keys, tail_values, None, SCALING,
-                           estimate_rest=True, keep_fraction=0.1)  # fmt: skip
+def test_dropped_candidates_are_exact_when_a_cluster_holds_one_value():
+    """A dropped candidate counts at its exact logit holding its cluster's mean value: exact when the cluster's
+    values are all equal, so any refinement then equals attention over the whole candidate clusters."""
+    generator = torch.Generator().manual_seed(45)
+    num_clusters = 40
+    keys = torch.randn(NUM_KV_HEADS, NUM_DOC, HEAD_DIM, generator=generator)
+    assignments = torch.randint(0, num_clusters, (NUM_KV_HEADS, NUM_DOC), generator=generator)
+    cluster_values = torch.randn(NUM_KV_HEADS, num_clusters, HEAD_DIM, generator=generator)
+    values = cluster_values.gather(1, assignments[..., None].expand(-1, -1, HEAD_DIM))
+    layer = layer_from_assignments(keys, values, assignments, num_clusters)
+    tail_keys, tail_values = tail(NUM_PREFIX + 4, seed=46)
+    tail_mask = random_tree_mask(4, NUM_PREFIX, seed=47)
+    query = queries(4, seed=48, scale=3.0)
+    for rule in (TopBudgetRule(0.3), ThresholdRule(torch.full((NUM_KV_HEADS,), -math.log(NUM_DOC)))):
+        whole = squeezed_attention(query, layer, rule, tail_keys, tail_values, tail_mask, SCALING)
+        stats = SqueezeStats()
+        refined = squeezed_attention(
+            query, layer, rule, tail_keys, tail_values, tail_mask, SCALING, stats, keep_fraction=0.02
+        )
+        torch.testing.assert_close(refined, whole, atol=1e-5, rtol=1e-5)
+        assert stats.values_read < 0.5 * stats.keys_read
+
+
+def test_refinement_with_the_rest_estimated_equals_dense_when_every_key_is_kept(document):
+    keys, values, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=49)
+    query = queries(1, seed=50)
+    expected = dense_attention(query, keys, values, tail_keys, tail_values, None, SCALING)
+    out = squeezed_attention(query, layer, TopBudgetRule(1.0), tail_keys, tail_values, None, SCALING,
+                             estimate_rest=True, keep_fraction=1.0)  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_stats_fractions_are_per_call_averages(document):

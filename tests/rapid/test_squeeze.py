@@ -57,8 +57,6 @@ def test_squeezed_engine_equals_squeezed_greedy(tiny_runner, document, keep_frac
 def test_keep_fraction_is_validated():
     with pytest.raises(ValueError, match="keep_fraction"):
         SqueezeConfig(budget=0.1, keep_fraction=0.2)
-    with pytest.raises(ValueError, match="do not combine"):
-        SqueezeConfig(budget=0.2, keep_fraction=0.1, estimate_rest=True)
     assert SqueezeConfig(budget=0.2, keep_fraction=0.1).keep_fraction == 0.1
 
 
