@@ -350,8 +350,8 @@ class LocalBackend:
 
     def _kv_key(self, prefix_ids: list[int]) -> CacheKey:
         dtype = next(self.lm.model.parameters()).dtype
-        return CacheKey.build(self.lm.model_id, self.lm.revision, self.config.document_cache.squeeze.cluster, dtype,
-                              prefix_ids)
+        squeeze = self.config.document_cache.squeeze
+        return CacheKey.build(self.lm.model_id, self.lm.revision, squeeze.cluster, dtype, prefix_ids, squeeze.budgets)
 
     def _ingest_kv(self, doc_dir: Path, token_ids: np.ndarray, progress: ProgressFn,
                    check: Callable[[], None]) -> tuple[IngestStep, IngestStep]:

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-CALIBRATED_BUDGETS = (0.05, 0.1, 0.2)  # rapid.squeeze.SqueezeConfig.budgets: thresholds stored at ingest
+# = kvcache.calibration.DEFAULT_BUDGETS = rapid.squeeze.SqueezeConfig.budgets: thresholds stored at ingest
+CALIBRATED_BUDGETS = (0.05, 0.1, 0.2, 0.3)
 
 
 class Settings(BaseSettings):

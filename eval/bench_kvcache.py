@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="MODEL:CONTEXT pairs; MODEL/L keeps the model's first L layers")
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
-                        help="one row per value: a calibrated key budget (0.05, 0.1, 0.2) for --rule threshold, "
+                        help="one row per value: a calibrated key budget (0.05, 0.1, 0.2, 0.3) for --rule threshold, "
                              "any fraction of the keys for top")
     parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],

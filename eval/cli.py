@@ -52,7 +52,7 @@ def _common_options(parser: argparse.ArgumentParser, suite: str, modes: tuple[st
     parser.add_argument("--rag-tokens", type=int, default=512, help="RAG context budget floor in tokens")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="retrieval chunk size in tokens")
     parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
-    parser.add_argument("--squeeze-budget", type=float, choices=[0.05, 0.1, 0.2], default=0.1,
+    parser.add_argument("--squeeze-budget", type=float, choices=[0.05, 0.1, 0.2, 0.3], default=0.1,
                         help="fraction of the document keys squeezed attention reads (calibrated thresholds)")
     parser.add_argument("--rope", choices=["auto", "none"], default="auto",
                         help="auto: YaRN-stretch the target for contexts past its window; none: cut them instead")

@@ -67,10 +67,13 @@ class CacheKey:
         config: ClusterConfig,
         dtype: torch.dtype,
         token_ids: Sequence[int] | Tensor,
+        budgets: Sequence[float] = (),
     ) -> CacheKey:
+        """budgets: the calibrated ones; a cache calibrated for other budgets has no threshold for some asked."""
         tokens = torch.as_tensor(token_ids, dtype=torch.int64).flatten()
         build = {
             "cluster_config": dataclasses.asdict(config),
+            "budgets": [float(budget) for budget in budgets],
             "dtype": str(dtype),
             "num_tokens": tokens.numel(),
             "format_version": FORMAT_VERSION,

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from kvcache.calibration import calibrate_thresholds
+from kvcache.calibration import DEFAULT_BUDGETS, calibrate_thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, cluster_layer
 from kvcache.selection import SelectionRule, TopBudgetRule
 from kvcache.squeezed import SqueezeStats, full_document_attention, squeezed_attention
@@ -51,7 +51,7 @@ KEEP_FRACTION = None
 class SqueezeConfig:
     cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(recent_tokens=RECENT_TOKENS))
     budget: float = 0.10  # fraction of the document keys a query reads (one of `budgets`, or any for "top")
-    budgets: tuple[float, ...] = (0.05, 0.10, 0.20)  # calibrated and stored
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS  # calibrated and stored
     rule: Literal["threshold", "top"] = "threshold"
     calibration_window: int = 256  # the last W document positions serve as stand-in queries
     sink_tokens: int = SINK_TOKENS  # clusters holding the first positions are always read

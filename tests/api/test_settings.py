@@ -35,8 +35,8 @@ def test_defaults_are_rapid_self_speculation_over_the_dense_document():
 
 def test_invalid_settings_are_refused(tmp_path):
     with pytest.raises(ValidationError, match="calibrated"):
-        Settings(squeeze_budget=0.3)
-    assert Settings(squeeze_budget=0.3, squeeze_rule="top").squeeze_budget == 0.3
+        Settings(squeeze_budget=0.25)
+    assert Settings(squeeze_budget=0.25, squeeze_rule="top").squeeze_budget == 0.25
     with pytest.raises(ValidationError, match="exceeds squeeze_budget"):
         Settings(squeeze_keep_fraction=0.2)
     with pytest.raises(ValidationError):
@@ -49,8 +49,10 @@ def test_invalid_settings_are_refused(tmp_path):
 
 
 def test_squeeze_defaults_follow_rapid_squeeze():
-    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, KEEP_FRACTION, RECENT_TOKENS
+    from api.settings import CALIBRATED_BUDGETS
+    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, KEEP_FRACTION, RECENT_TOKENS, SqueezeConfig
 
     settings = Settings()
     assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_estimate_rest == ESTIMATE_REST
     assert settings.squeeze_recent_tokens == RECENT_TOKENS and settings.squeeze_keep_fraction == KEEP_FRACTION
+    assert CALIBRATED_BUDGETS == SqueezeConfig().budgets

@@ -69,8 +69,9 @@ def test_a_loaded_cache_can_be_saved_again(tmp_path):
         dict(dtype=torch.float16),
         dict(token_ids=TOKENS[:-1] + [1]),
         dict(token_ids=TOKENS[:-1]),
+        dict(budgets=(0.05, 0.1, 0.2, 0.3)),
     ],
-    ids=["model", "revision", "config", "dtype", "tokens", "token_count"],
+    ids=["model", "revision", "config", "dtype", "tokens", "token_count", "budgets"],
 )
 def test_mismatched_key_is_refused(tmp_path, other):
     path = tmp_path / "doc.safetensors"
