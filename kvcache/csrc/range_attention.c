@@ -305,10 +305,11 @@ static float rank_value(float *a, int64_t n, int64_t k, float *band) {
     const float high = rank < SLACK ? 3e38f : kth_largest(sample, SAMPLE, rank - SLACK);
     const float low = rank + SLACK >= SAMPLE ? -3e38f : kth_largest(sample, SAMPLE, rank + SLACK);
     int64_t above = 0, inside = 0;
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) { /* branchless: which side a value falls on is a coin toss near the cutoff */
         const float value = a[i];
-        if (value > high) above++;
-        else if (value >= low) band[inside++] = value;
+        band[inside] = value;
+        inside += value >= low && value <= high;
+        above += value > high;
     }
     if (above <= k && k < above + inside) return kth_largest(band, inside, k - above);
     return kth_largest(a, n, k);
@@ -335,9 +336,9 @@ int refined_attention(const float *query, const void *keys, const void *values, 
                       int64_t *counts) {
     if (rows > MAX_ROWS || dim > MAX_DIM || queries < 1 || rows % queries) return -1;
     static _Thread_local float key_block[BLOCK * MAX_DIM], value_row[MAX_DIM];
-    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS], dropped[MAX_ROWS];
-    static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer, *index_buffer;
-    static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity, index_capacity;
+    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    static _Thread_local void *logit_buffer, *score_buffer, *kept_buffer, *index_buffer, *weight_buffer;
+    static _Thread_local int64_t logit_capacity, score_capacity, kept_capacity, index_capacity, weight_capacity;
     const int64_t group = rows / queries;
     const float pinned_score = 1e30f, unread = NEG_BIG;
     counts[0] = counts[1] = counts[2] = 0;
@@ -396,8 +397,10 @@ int refined_attention(const float *query, const void *keys, const void *values, 
                 for (int64_t j = m; j < m + ends[i] - starts[i]; j++) score[j] = score[j] > unread ? pinned_score : unread;
             }
             int64_t available = 0;
-            for (m = 0; m < total; m++)
-                if (score[m] > unread) pool[available++] = score[m];
+            for (m = 0; m < total; m++) {
+                pool[available] = score[m];
+                available += score[m] > unread;
+            }
             const float cutoff = available > keep && keep > 0 ? rank_value(pool, available, keep - 1, band) : unread / 2;
             uint8_t *kept_n = kept + n * total;
 #pragma omp simd
@@ -412,10 +415,9 @@ int refined_attention(const float *query, const void *keys, const void *values, 
                 int64_t keepers = 0;
                 for (int64_t n = 0; n < queries; n++) keepers += kept[n * total + m];
                 counts[2] += keepers;
-                if (keepers) {
-                    kept_positions[num_kept] = position;
-                    kept_index[num_kept++] = m;
-                }
+                kept_positions[num_kept] = position;
+                kept_index[num_kept] = m;
+                num_kept += keepers > 0;
             }
         }
         counts[1] += num_kept;
@@ -449,31 +451,36 @@ int refined_attention(const float *query, const void *keys, const void *values, 
             row_sum[r] = sum;
         }
         memset(acc, 0, sizeof(float) * rows * dim);
-        if (estimate_dropped) {  /* per range: the dropped keys' probability times the cluster's mean value */
-            m = 0;
-            for (int64_t i = range_offsets[h]; i < range_offsets[h + 1]; m += ends[i] - starts[i], i++) {
-                const int64_t length = ends[i] - starts[i];
-                int any = 0;
-                for (int64_t r = 0; r < rows; r++) {
-                    float *row = logits + r * total + m;
-                    const uint8_t *kept_n = kept + (r % queries) * total + m;
-                    float weight = 0.0f;
-#pragma omp simd reduction(+ : weight)
-                    for (int64_t j = 0; j < length; j++) {
-                        weight += kept_n[j] ? 0.0f : row[j];
-                        row[j] = kept_n[j] ? row[j] : 0.0f;
-                    }
-                    dropped[r] = weight;
-                    any |= weight > 0.0f;
+        if (estimate_dropped) { /* per range: the dropped keys' probability times the cluster's mean value */
+            const int64_t first = range_offsets[h], num_ranges = range_offsets[h + 1] - first;
+            float *weights = scratch(&weight_buffer, &weight_capacity, (int64_t)sizeof(float) * (rows * num_ranges + 1));
+            if (!weights) return -2;
+            for (int64_t r = 0; r < rows; r++) {
+                float *row = logits + r * total;
+                const uint8_t *kept_n = kept + (r % queries) * total;
+#pragma omp simd
+                for (m = 0; m < total; m++) { /* split: the dropped probabilities aside, the kept ones stay */
+                    pool[m] = kept_n[m] ? 0.0f : row[m];
+                    row[m] = kept_n[m] ? row[m] : 0.0f;
                 }
+                m = 0;
+                for (int64_t i = 0; i < num_ranges; i++) { /* ranges are short (a cluster): a plain sum */
+                    float weight = 0.0f;
+                    for (const int64_t end = m + ends[first + i] - starts[first + i]; m < end; m++) weight += pool[m];
+                    weights[i * rows + r] = weight;
+                }
+            }
+            for (int64_t i = 0; i < num_ranges; i++) {
+                const float *weight = weights + i * rows;
+                int any = 0;
+                for (int64_t r = 0; r < rows; r++) any |= weight[r] > 0.0f;
                 if (!any) continue;
-                const int64_t at = (h * num_clusters + range_clusters[i]) * dim;
+                const int64_t at = (h * num_clusters + range_clusters[first + i]) * dim;
                 const float *mean = as_f32(means, keys_are_bf16, at, dim, value_row);
                 for (int64_t r = 0; r < rows; r++) {
-                    const float weight = dropped[r];
                     float *a = acc + r * dim;
 #pragma omp simd
-                    for (int64_t d = 0; d < dim; d++) a[d] += weight * mean[d];
+                    for (int64_t d = 0; d < dim; d++) a[d] += weight[r] * mean[d];
                 }
             }
         }
