@@ -10,7 +10,9 @@ only its own clusters. Two paths compute it exactly:
     attention time went to the dozen torch ops that did it);
   - gathered (anywhere else, or without a C compiler): the selected rows are copied into one buffer
     followed by the tail, and one SDPA call attends over it under one mask.
-Scoring the centroids is fp32.
+Scoring the centroids is fp32. With keep_fraction the selected clusters are only candidates: each query keeps
+its best candidate keys by q.k (two stages, csrc refined_attention or a torch gather), reading the values of
+those alone.
 
 Shapes: B batch (1), H query heads, Hkv kv heads, G = H / Hkv, N queries, T document tokens,
 S tail tokens, M gathered document keys per kv head, C clusters, D head dim.
@@ -27,13 +29,7 @@ from torch import Tensor
 from kvcache import native
 from kvcache.clustering import ClusteredLayer
 from kvcache.gqa import fold_mask, fold_queries, grouped_sdpa
-from kvcache.selection import (
-    SelectionRule,
-    ThresholdRule,
-    centroid_logits,
-    padded_ranges,
-    score_clusters,
-)
+from kvcache.selection import SelectionRule, ThresholdRule, centroid_logits, padded_ranges, score_clusters
 
 
 @dataclass
