@@ -55,6 +55,30 @@ static inline float round_to_bf16(float value) {
     return value;
 }
 
+/* q . k over dim floats, summed in fp32. */
+static inline float dot_f32(const float *q, const float *k, int64_t dim) {
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < dim; d++) dot += q[d] * k[d];
+    return dot;
+}
+
+/* Divide each row's weighted value sum by its softmax sum and write its log-sum-exp (EMPTY_LSE, zeros for a row
+ * that read nothing). */
+static void finish_rows(float *acc, const float *row_max, const float *row_sum, int64_t rows, int64_t dim,
+                        float *lse) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *a = acc + r * dim;
+        if (row_sum[r] > 0.0f) {
+            const float inverse = 1.0f / row_sum[r];
+            for (int64_t d = 0; d < dim; d++) a[d] *= inverse;
+            lse[r] = row_max[r] + logf(row_sum[r]);
+        } else {
+            lse[r] = EMPTY_LSE;
+        }
+    }
+}
+
 /* One block of n keys: update every active row's running max, sum and weighted value sum. With round_probs the
  * probabilities that weigh the values are rounded to bf16 first, as torch's bf16 flash kernel does (its sums
  * stay fp32), so a bf16 cache gets the dense path's rounding. */
@@ -68,9 +92,7 @@ static void attend_block(const float *query, const uint8_t *active, int64_t rows
         float block_max = row_max[r];
         for (int64_t j = 0; j < n; j++) {
             const float *k = keys + j * dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; d++) dot += q[d] * k[d];
+            const float dot = dot_f32(q, k, dim);
             probs[j] = dot;
             block_max = dot > block_max ? dot : block_max;
         }
@@ -130,16 +152,7 @@ int range_attention(const float *query, const void *keys, const void *values, in
                 attend_block(q, active, rows, dim, k, v, n, round_probs, row_max, row_sum, acc);
             }
         }
-        for (int64_t r = 0; r < rows; r++) {
-            float *a = acc + r * dim;
-            if (row_sum[r] > 0.0f) {
-                const float inverse = 1.0f / row_sum[r];
-                for (int64_t d = 0; d < dim; d++) a[d] *= inverse;
-                lse[h * rows + r] = row_max[r] + logf(row_sum[r]);
-            } else {
-                lse[h * rows + r] = EMPTY_LSE;
-            }
-        }
+        finish_rows(acc, row_max, row_sum, rows, dim, lse + h * rows);
     }
     return 0;
 }
@@ -156,10 +169,7 @@ void centroid_logits(const float *query, const void *centroids, int is_bf16, int
         for (int64_t c = 0; c < num_clusters; c++) {
             const float *centroid = as_f32(centroids, is_bf16, (h * num_clusters + c) * dim, dim, row);
             for (int64_t r = 0; r < rows; r++) {
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < dim; d++) dot += q[r * dim + d] * centroid[d];
-                out[r * num_clusters + c] = dot;
+                out[r * num_clusters + c] = dot_f32(q + r * dim, centroid, dim);
             }
         }
     }
@@ -370,13 +380,7 @@ int refined_attention(const float *query, const void *keys, const void *values, 
                         continue;
                     }
                     const float *qr = q + r * dim;
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *kj = k + j * dim;
-                        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                        for (int64_t d = 0; d < dim; d++) dot += qr[d] * kj[d];
-                        row[j] = dot;
-                    }
+                    for (int64_t j = 0; j < n; j++) row[j] = dot_f32(qr, k + j * dim, dim);
                 }
                 m += n;
             }
@@ -500,16 +504,7 @@ int refined_attention(const float *query, const void *keys, const void *values, 
                 for (int64_t d = 0; d < dim; d++) a[d] += p * v[d];
             }
         }
-        for (int64_t r = 0; r < rows; r++) {
-            float *a = acc + r * dim;
-            if (row_sum[r] > 0.0f) {
-                const float inverse = 1.0f / row_sum[r];
-                for (int64_t d = 0; d < dim; d++) a[d] *= inverse;
-                lse[h * rows + r] = row_max[r] + logf(row_sum[r]);
-            } else {
-                lse[h * rows + r] = EMPTY_LSE;
-            }
-        }
+        finish_rows(acc, row_max, row_sum, rows, dim, lse + h * rows);
     }
     return 0;
 }
