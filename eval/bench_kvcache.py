@@ -2,8 +2,9 @@
 
 For each (model, context): one dense prefill of a public-domain text, clustering + calibration of its
 keys (timed against the prefill), then in one process:
-  - attention-only latency of one layer (our dense SDPA over every key vs squeezed_attention over the
-    clusters; with the native kernel, also that kernel over every key, to show its per-key cost);
+  - attention-only latency of one layer (dense attention over every key, as the model runs it, vs
+    squeezed_attention over the clusters; with the native kernel, also the range kernel over every key, to show
+    its per-key cost);
   - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
     steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement, max
     logit difference per step, and at each disagreement the gap between the dense run's top two logits;
@@ -30,8 +31,8 @@ import torch
 from eval.bench_decode import native_context, yarn_for
 from kvcache import native
 from kvcache.clustering import ClusterConfig
-from kvcache.gqa import grouped_sdpa
 from kvcache.squeezed import SqueezeStats, squeezed_attention
+from rapid.attention import attend_cache
 from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
@@ -90,15 +91,16 @@ def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
 
 
 def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.Tensor, repeats: int) -> dict:
-    """One layer, one real decode query [1, H, 1, D]: dense SDPA vs squeezed attention (sinks read, empty tail),
-    and with the native kernel that kernel over every key (its cost per key against SDPA's dense pass)."""
+    """One layer, one real decode query [1, H, 1, D]: dense attention as the model runs it (our cache kernel for bf16,
+    SDPA for fp32) vs squeezed attention (sinks read, empty tail), and with the native kernel the range kernel over
+    every key (its cost per key against the dense pass)."""
     layer = document.clustered.layers[layer_idx]
     keys, values = layer.keys[None], layer.values[None]  # [1, Hkv, T, D] (order does not matter)
     empty = keys[:, :, :0]
     scaling = query.shape[-1] ** -0.5
     path = "native" if native.supports(layer.keys, query.shape[1] // layer.keys.shape[0]) else "gathered"
     fns = {
-        "dense": lambda: grouped_sdpa(query, keys, values, None, scaling),
+        "dense": lambda: attend_cache(query, keys, values, None, scaling),
         "squeezed": lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None, scaling,
                                                always_read=document.always_read[layer_idx],
                                                estimate_rest=document.estimate_rest,

@@ -6,6 +6,7 @@ Tree verification passes its own 4D boolean mask, which transformers hands throu
 The attention function calls SDPA with each KV head's query heads folded into its query rows
 (`kvcache.gqa`): the stock sdpa path repeats K/V per query head when a mask is given (four copies of the
 cache for a 4-way GQA group), and even `enable_gqa=True` streams each KV head once per query head.
+A bf16 cache read by a few queries (decode steps, trees) goes to our kernel instead (`attend_cache`).
 A squeezed document (passed by the runner as the forward kwarg `squeeze`) sends attention through
 `kvcache.squeezed_attention` instead.
 """
@@ -16,10 +17,15 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvcache.gqa import grouped_sdpa
+from kvcache import native
+from kvcache.gqa import fold_queries, grouped_sdpa
 from rapid.squeeze import QueryRecorder, SqueezedDocument
 
 ATTENTION_NAME = "rapid"
+# Up to this many queries (decode steps, trees, a prompt's last short chunk) a bf16 cache is read by our kernel
+# (kvcache.native.cache_attention): its rows get bits that depend only on the keys they see, and a 16-node tree
+# costs it far less than torch's bf16 flash kernel. Longer blocks (prefill chunks) go to SDPA.
+NATIVE_MAX_QUERIES = 64
 
 
 def rapid_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -51,8 +57,22 @@ def rapid_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         tail_mask = None if attention_mask is None else attention_mask[0, 0]  # [q, S]
         out = squeeze.attend(module.layer_idx, query, key, value, tail_mask, scaling)
     else:
-        out = grouped_sdpa(query, key, value, attention_mask, scaling)
+        out = attend_cache(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attend_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float) -> torch.Tensor:
+    """query [B, H, N, D], key / value [B, Hkv, S, D], mask [B|1, 1, N, S] bool or None -> [B, H, N, D]."""
+    batch, _, num_queries, _ = query.shape
+    num_kv_heads = key.shape[1]
+    rows = query.shape[1] // num_kv_heads * num_queries
+    if (batch == 1 and key.dtype == torch.bfloat16 and num_queries <= NATIVE_MAX_QUERIES
+            and (mask is None or mask.shape[1] == 1) and native.supports_cache(key[0], value[0], rows)):
+        out = native.cache_attention(fold_queries(query, num_kv_heads)[0], scaling, key[0], value[0],
+                                     None if mask is None else mask[0, 0], num_queries, round_probs=True)
+        return out.view(query.shape).to(query.dtype)
+    return grouped_sdpa(query, key, value, mask, scaling)
 
 
 def register_attention() -> None:

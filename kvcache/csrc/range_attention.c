@@ -508,3 +508,194 @@ int refined_attention(const float *query, const void *keys, const void *values, 
     }
     return 0;
 }
+
+/* Exact attention of a few query rows (decode steps, tree nodes) over a whole dense cache, rows as vector lanes.
+ *
+ * A row's result is a fixed function of the keys it sees, taken in cache order: a first pass stores every logit
+ * and each row's max; a second takes exp(logit - max), adds it to the row's sum and weighs the values, both one
+ * key after another. Keys a row does not see add exact zeros. So a row's bits depend neither on the other rows,
+ * nor on where the keys it does not see sit, nor on block boundaries: a tree node gets exactly what the decode
+ * step of its path gets, and in bf16 the speculative engine's output equals plain decoding.
+ * Both passes put rows on the vector lanes (LANES at a time, 4 keys or 8 value dims per step), so a tree of
+ * 16 nodes costs little more than one decode step's row.
+ *
+ *   query        [Hkv, R, D] fp32, already multiplied by the softmax scaling; rows g*N + n (head g, query n)
+ *   keys/values  element (h, t, d) at h*head_stride + t*dim + d, bf16 (as uint16) or fp32; keys 0..length-1
+ *   mask         [N, mask_stride] uint8 (1 = query n sees key t), or NULL: every row sees every key
+ *   out          [Hkv, R, D] fp32, normalised (zeros for a row that sees nothing)
+ * Returns 0, -1 when rows or dim exceed the fixed buffers or dim is not a multiple of 8, -2 when scratch memory
+ * cannot be had. */
+#define LANES 16
+
+/* s[i][l] = (q_l . k_i) * scaling for 4 keys and one group of LANES rows: qt is [dim, lanes] fp32 at the group. */
+static inline void logits4_f32(const float *qt, int64_t lanes, const float *key_row[4], int64_t dim, float scaling,
+                               float s[4][LANES]) {
+    for (int64_t i = 0; i < 4; i++)
+        for (int64_t l = 0; l < LANES; l++) s[i][l] = 0.0f;
+    for (int64_t d = 0; d < dim; d++) {
+        const float *qd = qt + d * lanes;
+        for (int64_t i = 0; i < 4; i++) {
+            const float kd = key_row[i][d];
+#pragma omp simd
+            for (int64_t l = 0; l < LANES; l++) s[i][l] += kd * qd[l];
+        }
+    }
+    for (int64_t i = 0; i < 4; i++)
+        for (int64_t l = 0; l < LANES; l++) s[i][l] *= scaling;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_BF16_DOT 1
+/* The same from bf16 pairs (vdpbf16ps: products exact in fp32, summed a dim pair at a time): qt is [pairs, lanes]
+ * pairs of the rows' queries, key_row[i] the key's pairs. Reads the keys in place, with no conversion pass. */
+static inline void logits4_bf16(const uint32_t *qt, int64_t lanes, const uint32_t *key_row[4], int64_t pairs,
+                                float scaling, float s[4][LANES]) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = 0; p < pairs; p++) {
+        const __m512bh q = (__m512bh)_mm512_loadu_si512(qt + p * lanes);
+        a0 = _mm512_dpbf16_ps(a0, q, (__m512bh)_mm512_set1_epi32((int)key_row[0][p]));
+        a1 = _mm512_dpbf16_ps(a1, q, (__m512bh)_mm512_set1_epi32((int)key_row[1][p]));
+        a2 = _mm512_dpbf16_ps(a2, q, (__m512bh)_mm512_set1_epi32((int)key_row[2][p]));
+        a3 = _mm512_dpbf16_ps(a3, q, (__m512bh)_mm512_set1_epi32((int)key_row[3][p]));
+    }
+    const __m512 scale = _mm512_set1_ps(scaling);
+    _mm512_storeu_ps(s[0], _mm512_mul_ps(a0, scale));
+    _mm512_storeu_ps(s[1], _mm512_mul_ps(a1, scale));
+    _mm512_storeu_ps(s[2], _mm512_mul_ps(a2, scale));
+    _mm512_storeu_ps(s[3], _mm512_mul_ps(a3, scale));
+}
+#else
+#define HAVE_BF16_DOT 0
+static inline void logits4_bf16(const uint32_t *qt, int64_t lanes, const uint32_t *key_row[4], int64_t pairs,
+                                float scaling, float s[4][LANES]) {
+    (void)qt, (void)lanes, (void)key_row, (void)pairs, (void)scaling, (void)s;
+}
+#endif
+
+int cache_attention(const void *query, float scaling, const void *keys, const void *values, int is_bf16,
+                    int round_probs, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
+                    int64_t length, int64_t dim, const uint8_t *mask, int64_t mask_stride, float *out) {
+    if (rows > MAX_ROWS || dim > MAX_DIM || dim % 8 || queries < 1 || rows % queries) return -1;
+    static _Thread_local void *logit_buffer, *seen_buffer, *lane_buffer;
+    static _Thread_local int64_t logit_capacity, seen_capacity, lane_capacity;
+    static _Thread_local float key_block[BLOCK * MAX_DIM], value_block[BLOCK * MAX_DIM], zeros[MAX_DIM];
+    static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
+    const int64_t lanes = (rows + LANES - 1) / LANES * LANES;
+    float *query_t = scratch(&lane_buffer, &lane_capacity, (int64_t)sizeof(float) * lanes * (2 * dim + BLOCK));
+    if (!query_t) return -2;
+    float *acc_t = query_t + dim * lanes, *probs = acc_t + dim * lanes; /* [D, lanes] each, then [BLOCK, lanes] */
+    const int bf16_dot = is_bf16 && HAVE_BF16_DOT;
+    /* Keys before `open` are seen by every query; past it, seen[(t - open) * lanes + r] says (0 for padding lanes). */
+    int64_t open = length;
+    if (mask) {
+        for (int64_t n = 0; n < queries; n++) {
+            const void *hole = memchr(mask + n * mask_stride, 0, (size_t)length);
+            const int64_t first = hole ? (const uint8_t *)hole - (mask + n * mask_stride) : length;
+            open = first < open ? first : open;
+        }
+    }
+    uint8_t *seen = scratch(&seen_buffer, &seen_capacity, (length - open) * lanes + 1);
+    float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * (length * lanes + 1));
+    if (!seen || !logits) return -2;
+    for (int64_t t = open; t < length; t++) {
+        uint8_t *s = seen + (t - open) * lanes;
+        for (int64_t r = 0; r < lanes; r++) s[r] = r < rows && mask[(r % queries) * mask_stride + t];
+    }
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        if (is_bf16) { /* [D/2, lanes] pairs (q[2p] in the low half), as vdpbf16ps wants them */
+            const uint32_t *q = (const uint32_t *)query + h * rows * dim / 2;
+            uint32_t *pairs = (uint32_t *)query_t;
+            for (int64_t p = 0; p < dim / 2; p++)
+                for (int64_t r = 0; r < lanes; r++) pairs[p * lanes + r] = r < rows ? q[r * dim / 2 + p] : 0u;
+        } else {
+            const float *q = (const float *)query + h * rows * dim;
+            for (int64_t d = 0; d < dim; d++)
+                for (int64_t r = 0; r < lanes; r++) query_t[d * lanes + r] = r < rows ? q[r * dim + d] : 0.0f;
+        }
+        for (int64_t r = 0; r < lanes; r++) row_max[r] = NEG_BIG, row_sum[r] = 0.0f;
+        memset(acc_t, 0, sizeof(float) * dim * lanes);
+        const int64_t base = h * head_stride;
+
+        /* Pass 1: logits[t, r] = q_r . k_t (NEG_BIG where unseen), and each row's max. */
+        for (int64_t start = 0; start < length; start += BLOCK) {
+            const int64_t n = length - start < BLOCK ? length - start : BLOCK;
+            const float *k = bf16_dot ? NULL : as_f32(keys, is_bf16, base + start * dim, n * dim, key_block);
+            for (int64_t lane = 0; lane < lanes; lane += LANES) {
+                for (int64_t j = 0; j < n; j += 4) {
+                    float s[4][LANES];
+                    const int64_t m = n - j < 4 ? n - j : 4;
+                    if (bf16_dot) {
+                        const uint32_t *key_row[4];
+                        for (int64_t i = 0; i < 4; i++)
+                            key_row[i] = i < m ? (const uint32_t *)keys + (base + (start + j + i) * dim) / 2
+                                               : (const uint32_t *)zeros;
+                        logits4_bf16((const uint32_t *)query_t + lane, lanes, key_row, dim / 2, scaling, s);
+                    } else {
+                        const float *key_row[4];
+                        for (int64_t i = 0; i < 4; i++) key_row[i] = i < m ? k + (j + i) * dim : zeros;
+                        logits4_f32(query_t + lane, lanes, key_row, dim, scaling, s);
+                    }
+                    for (int64_t i = 0; i < m; i++) {
+                        const int64_t t = start + j + i;
+                        float *row = logits + t * lanes + lane;
+                        const uint8_t *visible = seen + (t - open) * lanes + lane;
+                        float *top = row_max + lane;
+                        if (t < open) {
+#pragma omp simd
+                            for (int64_t l = 0; l < LANES; l++) {
+                                row[l] = s[i][l];
+                                top[l] = s[i][l] > top[l] ? s[i][l] : top[l];
+                            }
+                        } else {
+#pragma omp simd
+                            for (int64_t l = 0; l < LANES; l++) {
+                                const float value = visible[l] ? s[i][l] : NEG_BIG;
+                                row[l] = value;
+                                top[l] = value > top[l] ? value : top[l];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /* Pass 2, one key after another: p = exp(logit - max) into the sums, (bf16-rounded) p into the values. */
+        for (int64_t start = 0; start < length; start += BLOCK) {
+            const int64_t n = length - start < BLOCK ? length - start : BLOCK;
+            const float *v = as_f32(values, is_bf16, base + start * dim, n * dim, value_block);
+            for (int64_t j = 0; j < n; j++) {
+                const float *row = logits + (start + j) * lanes;
+                float *p = probs + j * lanes;
+#pragma omp simd
+                for (int64_t r = 0; r < lanes; r++) {
+                    const float e = row[r] > NEG_BIG / 2 ? expf(row[r] - row_max[r]) : 0.0f;
+                    row_sum[r] += e;
+                    p[r] = round_probs ? round_to_bf16(e) : e;
+                }
+            }
+            for (int64_t lane = 0; lane < lanes; lane += LANES) {
+                for (int64_t d0 = 0; d0 < dim; d0 += 8) { /* dim is a multiple of 8 */
+                    float a[8][LANES];
+                    for (int64_t i = 0; i < 8; i++)
+                        for (int64_t l = 0; l < LANES; l++) a[i][l] = acc_t[(d0 + i) * lanes + lane + l];
+                    for (int64_t j = 0; j < n; j++) {
+                        const float *p = probs + j * lanes + lane, *vj = v + j * dim + d0;
+                        for (int64_t i = 0; i < 8; i++) {
+#pragma omp simd
+                            for (int64_t l = 0; l < LANES; l++) a[i][l] += vj[i] * p[l];
+                        }
+                    }
+                    for (int64_t i = 0; i < 8; i++)
+                        for (int64_t l = 0; l < LANES; l++) acc_t[(d0 + i) * lanes + lane + l] = a[i][l];
+                }
+            }
+        }
+        float *o = out + h * rows * dim;
+        for (int64_t r = 0; r < rows; r++) {
+            const float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
+            for (int64_t d = 0; d < dim; d++) o[r * dim + d] = acc_t[d * lanes + r] * inverse;
+        }
+    }
+    return 0;
+}

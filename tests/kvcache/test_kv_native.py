@@ -300,3 +300,66 @@ def test_refined_kernel_finds_the_exact_cutoff_among_many_candidates(ties):
         torch.testing.assert_close(out, expected_out, atol=2e-5, rtol=2e-5)
         torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
         assert kept == values_read and (kept == NUM_KV_HEADS * keep or ties)
+
+
+def cache_reference(query, scaling, keys, values, mask, queries):
+    """float64 softmax of each row over the keys its query sees -> [Hkv, R, D] fp32."""
+    logits = torch.einsum("hrd,hsd->hrs", query.double(), keys.double()) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask.repeat(query.shape[1] // queries, 1)[None], -math.inf)
+    return torch.einsum("hrs,hsd->hrd", logits.softmax(-1), values.double()).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries,length,masked", [(1, 70, False), (1, 300, True), (5, 300, True), (16, 129, True)])
+def test_cache_kernel_equals_softmax_over_the_keys_each_query_sees(dtype, queries, length, masked):
+    generator = torch.Generator().manual_seed(queries + length)
+    rows = 3 * queries  # 3 query heads per kv head: 48 rows for 16 queries are three groups of vector lanes
+    query = torch.randn(NUM_KV_HEADS, rows, HEAD_DIM, generator=generator).to(dtype)
+    stored = torch.randn(2, NUM_KV_HEADS, length + 40, HEAD_DIM, generator=generator).to(dtype)
+    keys, values = stored[0, :, :length], stored[1, :, :length]  # views with a longer head stride, as in a cache
+    mask = None
+    if masked:
+        mask = torch.rand(queries, length, generator=generator) > 0.4
+        mask[:, : length // 2] = True
+        mask[0, -1] = False
+    out = native.cache_attention(query, 0.125, keys, values, mask, queries)
+    torch.testing.assert_close(out, cache_reference(query, 0.125, keys, values, mask, queries), atol=2e-5, rtol=1e-4)
+
+
+def test_cache_kernel_rows_depend_only_on_the_keys_they_see():
+    """A tree node over the prefix plus its ancestors, scattered among other nodes' keys and with other rows
+    beside it, gets bit for bit the row of a decode step over the prefix and the same path in a row."""
+    generator = torch.Generator().manual_seed(7)
+    prefix, path, tree = 61, [0, 2, 3, 5, 7], 8  # the tree crosses the kernel's 64-key block
+    stored = torch.randn(2, NUM_KV_HEADS, prefix + tree, HEAD_DIM, generator=generator).bfloat16()
+    query = torch.randn(NUM_KV_HEADS, 3 * tree, HEAD_DIM, generator=generator).bfloat16()
+    mask = torch.ones(tree, prefix + tree, dtype=torch.bool)
+    mask[:, prefix:] = False
+    for node in range(tree):
+        mask[node, prefix + node] = True
+    seen = [prefix + slot for slot in path]
+    mask[path[-1], seen] = True  # the last path node sees its ancestors
+    tree_out = native.cache_attention(query, 0.125, stored[0], stored[1], mask, tree, round_probs=True)
+    keep = list(range(prefix)) + seen
+    rows = [g * tree + path[-1] for g in range(3)]
+    step_out = native.cache_attention(query[:, rows], 0.125, stored[0][:, keep], stored[1][:, keep], None, 1,
+                                      round_probs=True)
+    assert torch.equal(tree_out[:, rows], step_out)
+
+
+def test_cache_kernel_gives_zeros_to_a_row_that_sees_nothing():
+    keys = torch.randn(NUM_KV_HEADS, 20, HEAD_DIM)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1] = False
+    out = native.cache_attention(torch.randn(NUM_KV_HEADS, 2, HEAD_DIM), 1.0, keys, keys, mask, 2)
+    assert torch.equal(out[:, 1], torch.zeros(NUM_KV_HEADS, HEAD_DIM)) and out[:, 0].abs().sum() > 0
+
+
+def test_cache_kernel_supports_row_contiguous_views_only():
+    stored = torch.randn(2, NUM_KV_HEADS, 50, HEAD_DIM)
+    assert native.supports_cache(stored[0, :, :30], stored[1, :, :30], 48)
+    assert not native.supports_cache(stored[0].transpose(1, 2), stored[1].transpose(1, 2), 48)
+    assert not native.supports_cache(stored[0], stored[1], native.MAX_ROWS + 1)
+    odd = torch.randn(NUM_KV_HEADS, 10, 60)
+    assert not native.supports_cache(odd, odd, 3)
