@@ -13,6 +13,8 @@ A squeezed document (passed by the runner as the forward kwarg `squeeze`) sends 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -59,6 +61,17 @@ def rapid_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     else:
         out = attend_cache(query, key, value, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Within this block dense caches go to SDPA whatever their dtype (to measure our kernel against it)."""
+    global NATIVE_MAX_QUERIES
+    saved, NATIVE_MAX_QUERIES = NATIVE_MAX_QUERIES, 0
+    try:
+        yield
+    finally:
+        NATIVE_MAX_QUERIES = saved
 
 
 def attend_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -48,6 +48,8 @@ def test_bench_spec_names_methods_per_budget_policy():
 def test_bench_tree_times_every_node_count():
     from eval import bench_tree
 
-    result = bench_tree.main(["--model", "tiny", "--context", "300", "--nodes", "1", "4", "--repeats", "2"])
-    assert [row["nodes"] for row in result["rows"]] == [1, 4]
-    assert result["decode_ms"] > 0 and all(row["ms"] > 0 for row in result["rows"])
+    result = bench_tree.main(["--model", "tiny", "--context", "300", "--nodes", "1", "4", "--repeats", "2",
+                              "--dtype", "bfloat16", "--attention", "model", "sdpa"])
+    assert [(row["attention"], row["nodes"]) for row in result["rows"]] == [
+        ("model", 1), ("model", 4), ("sdpa", 1), ("sdpa", 4)]
+    assert all(ms > 0 for ms in result["decode_ms"].values()) and all(row["ms"] > 0 for row in result["rows"])
