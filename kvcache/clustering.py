@@ -115,10 +115,11 @@ class ClusteredLayer:
 
     Centroids are the plain (unnormalised) mean of each cluster's raw keys: q.C_j is then exactly the
     mean logit of the cluster's keys, which is what the estimated attention weight
-    S_j = exp(q.C_j/sqrt(d)) / sum_i N_i exp(q.C_i/sqrt(d)) of DESIGN 4.5 wants. The normalised
-    keys are used only to form the clusters. Empty clusters have a zero centroid and size 0;
-    scoring gives them weight zero. value_means are the plain means of each cluster's values: with the
-    centroid logits they estimate what the clusters a query does not read contribute.
+    S_j = exp(q.C_j/sqrt(d)) / sum_i N_i exp(q.C_i/sqrt(d)) of DESIGN 4.5 wants. key_variances (per
+    dimension, of the raw keys) let scoring add the spread of a cluster's logits (kvcache.selection's
+    VARIANCE_WEIGHT). The normalised keys are used only to form the clusters. Empty clusters have a zero
+    centroid and size 0; scoring gives them weight zero. value_means are the plain means of each cluster's
+    values: with the centroid logits they estimate what the clusters a query does not read contribute.
 
     Example with T=5, C=3, one head: assignments [2, 0, 2, 0, 0] give
     permutation [1, 3, 4, 0, 2], sizes [3, 0, 2], offsets [0, 3, 3, 5];
@@ -129,6 +130,7 @@ class ClusteredLayer:
     values: Tensor  # [Hkv, T, D] in cluster order
     centroids: Tensor  # [Hkv, C, D] fp32
     value_means: Tensor  # [Hkv, C, D] fp32, mean of each cluster's values (to estimate the clusters not read)
+    key_variances: Tensor  # [Hkv, C, D] fp32, variance of each cluster's raw keys per dimension
     sizes: Tensor  # [Hkv, C] int64
     offsets: Tensor  # [Hkv, C+1] int64
     permutation: Tensor  # [Hkv, T] int64, original token position of each stored key
@@ -145,6 +147,16 @@ class ClusteredLayer:
         """Centroids in bf16 when the cache is bf16 (half the bytes for the native scoring pass), else fp32."""
         dtype = torch.bfloat16 if self.keys.dtype == torch.bfloat16 else torch.float32
         return self.centroids.to(dtype).contiguous()
+
+    @functools.cached_property
+    def variances_by_dim(self) -> Tensor:
+        """[Hkv, D, C] fp32 contiguous, as centroids_by_dim."""
+        return self.key_variances.transpose(1, 2).contiguous()
+
+    @functools.cached_property
+    def compact_variances(self) -> Tensor:
+        """key_variances in the dtype of compact_centroids (for the native scoring pass)."""
+        return self.key_variances.to(self.compact_centroids.dtype).contiguous()
 
     @functools.cached_property
     def compact_value_means(self) -> Tensor:
@@ -238,11 +250,13 @@ def layer_from_assignments(
     permutation = torch.sort(assignments, dim=1, stable=True).indices  # [Hkv, T]
     gather = permutation[..., None].expand(num_heads, num_tokens, head_dim)
     sizes = _counts(assignments, num_clusters)
+    centroids = _cluster_means(raw, assignments, num_clusters)
     return ClusteredLayer(
         keys=keys.gather(1, gather),
         values=values.gather(1, gather),
-        centroids=_cluster_means(raw, assignments, num_clusters),
+        centroids=centroids,
         value_means=_cluster_means(values.float(), assignments, num_clusters),
+        key_variances=(_cluster_means(raw * raw, assignments, num_clusters) - centroids * centroids).clamp_(min=0),
         sizes=sizes,
         offsets=F.pad(torch.cumsum(sizes, 1), (1, 0)),
         permutation=permutation,

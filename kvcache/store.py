@@ -7,7 +7,7 @@ the document's token ids. Loading with a different key raises CacheMismatchError
 truncated file (checked by a CRC-32 of every tensor) raises CacheCorruptError. Writes are atomic:
 a temporary file in the same folder, fsynced, then os.replace.
 
-Tensor names: layers.{i}.{keys,values,centroids,value_means,sizes,offsets,permutation},
+Tensor names: layers.{i}.{keys,values,centroids,value_means,key_variances,sizes,offsets,permutation},
 layers.{i}.coarse.{centroids,sizes,offsets}, layers.{i}.log_thresholds.
 """
 
@@ -30,11 +30,12 @@ from torch import Tensor
 
 from kvcache.calibration import Thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, CoarseLevel
+from kvcache.selection import VARIANCE_WEIGHT
 
 # 2: keys of bf16/fp16 models rotated with fp32 RoPE frequencies (1 rounded them); 3: per-cluster value means
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: key_variances
 
-_LAYER_FIELDS = ("keys", "values", "centroids", "value_means", "sizes", "offsets", "permutation")
+_LAYER_FIELDS = ("keys", "values", "centroids", "value_means", "key_variances", "sizes", "offsets", "permutation")
 _COARSE_FIELDS = ("centroids", "sizes", "offsets")
 
 
@@ -74,6 +75,7 @@ class CacheKey:
         build = {
             "cluster_config": dataclasses.asdict(config),
             "budgets": [float(budget) for budget in budgets],
+            "variance_weight": VARIANCE_WEIGHT,  # the calibrated thresholds were scored with it
             "dtype": str(dtype),
             "num_tokens": tokens.numel(),
             "format_version": FORMAT_VERSION,

@@ -68,6 +68,8 @@ def test_cluster_layer_invariants():
                 torch.testing.assert_close(members.mean(0), layer.centroids[head, cluster])
                 member_values = layer.values[head, offsets[cluster] : offsets[cluster + 1]]
                 torch.testing.assert_close(member_values.mean(0), layer.value_means[head, cluster])
+                spread = members.var(0, correction=0)  # the population variance, per dimension
+                torch.testing.assert_close(layer.key_variances[head, cluster], spread, atol=1e-5, rtol=1e-4)
     restored_keys, restored_values = layer.original_order()
     assert torch.equal(restored_keys, keys) and torch.equal(restored_values, values)
 

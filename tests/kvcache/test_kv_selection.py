@@ -4,10 +4,13 @@ import pytest
 import torch
 from kv_synthetic import HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALING, planted_keys
 
+from kvcache import selection
 from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments
 from kvcache.selection import (
+    VARIANCE_WEIGHT,
     ThresholdRule,
     TopBudgetRule,
+    centroid_logits,
     cluster_log_weights,
     hierarchical_log_weights,
     padded_ranges,
@@ -47,9 +50,11 @@ def test_padded_ranges_docstring_example():
 
 
 def test_log_weights_are_normalised_even_for_huge_logits(layer):
-    # Logits reach ~1e5 at scale 1e4, where fp32 resolves ~1e-2.
-    for scale, tolerance in ((1.0, 1e-5), (1e4, 1e-2)):
-        log_weights = cluster_log_weights(grouped_queries(4, seed=1) * scale, layer, SCALING)
+    # Logits reach ~4e6 at scale 1e4 (the spread term grows with q^2), where fp32 resolves ~0.4.
+    for scale in (1.0, 1e4):
+        query = grouped_queries(4, seed=1) * scale
+        tolerance = max(1e-5, 1e-7 * float(centroid_logits(query, layer, SCALING).abs().max()))
+        log_weights = cluster_log_weights(query, layer, SCALING)
         nonempty = layer.sizes > 0
         assert torch.isfinite(log_weights[nonempty[:, None, None, :].expand_as(log_weights)]).all()
         # sum_j N_j S_j = 1: the estimated attention weights of all keys sum to one.
@@ -118,3 +123,29 @@ def test_rules_validate_fractions():
         TopBudgetRule(0.0)
     with pytest.raises(ValueError):
         TopBudgetRule(0.1, expand_fraction=1.5)
+
+
+@pytest.mark.parametrize("native_scoring", [True, False])
+def test_cluster_logits_add_the_weighted_spread_of_the_keys(layer, native_scoring, monkeypatch):
+    """l_j = q.C_j * s + VARIANCE_WEIGHT * s^2 / 2 * sum_d q_d^2 var_jd, in C and in torch alike."""
+    if not native_scoring:
+        monkeypatch.setattr(selection.native, "supports", lambda *args: False)
+    query = grouped_queries(3, seed=4)
+    expected = torch.einsum("hgnd,hcd->hgnc", query, layer.centroids) * SCALING
+    expected += torch.einsum("hgnd,hcd->hgnc", query**2, layer.key_variances) * (VARIANCE_WEIGHT * SCALING**2 / 2)
+    torch.testing.assert_close(centroid_logits(query, layer, SCALING), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_spread_cluster_outranks_a_tight_one_with_the_same_mean():
+    """Keys mu +- d along the query hold more attention than keys all at mu (the mean of exp exceeds exp of the
+    mean), and the spread term says so, where mean logits alone tie."""
+    direction = torch.zeros(HEAD_DIM)
+    direction[0] = 1.0
+    tight = direction.expand(8, -1)
+    spread = torch.cat([direction.expand(4, -1) * 3, direction.expand(4, -1) * -1])  # mean: the same direction
+    keys = torch.cat([tight, spread])[None]
+    layer = layer_from_assignments(keys, keys, torch.tensor([[0] * 8 + [1] * 8]), 2)
+    logits = centroid_logits(direction.expand(1, 1, 1, -1) * 4, layer, SCALING)[0, 0, 0]
+    assert torch.equal(layer.centroids[0, 0], layer.centroids[0, 1]) and logits[1] > logits[0]
+    true_mass = torch.logsumexp(keys[0, 8:] @ direction * 4 * SCALING, 0) - math.log(8)
+    assert logits[1] - logits[0] < true_mass - logits[0]  # a hedged Gaussian estimate: below the true excess

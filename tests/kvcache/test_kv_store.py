@@ -32,7 +32,7 @@ KEY = CacheKey.build("HuggingFaceTB/SmolLM2-135M-Instruct", "b179c95", CONFIG, t
 def assert_same(loaded: ClusteredCache, cache: ClusteredCache) -> None:
     assert len(loaded.layers) == len(cache.layers)
     for got, want in zip(loaded.layers, cache.layers, strict=True):
-        for field in ("keys", "values", "centroids", "value_means", "sizes", "offsets", "permutation"):
+        for field in ("keys", "values", "centroids", "value_means", "key_variances", "sizes", "offsets", "permutation"):
             assert getattr(got, field).dtype == getattr(want, field).dtype
             assert torch.equal(getattr(got, field), getattr(want, field)), field
         for field in ("centroids", "sizes", "offsets"):
