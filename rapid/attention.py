@@ -75,7 +75,7 @@ def sdpa_only():
 
 
 def attend_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                    scaling: float) -> torch.Tensor:
+                 scaling: float) -> torch.Tensor:
     """query [B, H, N, D], key / value [B, Hkv, S, D], mask [B|1, 1, N, S] bool or None -> [B, H, N, D]."""
     batch, _, num_queries, _ = query.shape
     num_kv_heads = key.shape[1]

@@ -519,7 +519,8 @@ int refined_attention(const float *query, const void *keys, const void *values, 
  * Both passes put rows on the vector lanes (LANES at a time, 4 keys or 8 value dims per step), so a tree of
  * 16 nodes costs little more than one decode step's row.
  *
- *   query        [Hkv, R, D] fp32, already multiplied by the softmax scaling; rows g*N + n (head g, query n)
+ *   query        [Hkv, R, D] in the dtype of the keys, unscaled (logits are multiplied by `scaling`); rows g*N + n
+ *                (head g, query n)
  *   keys/values  element (h, t, d) at h*head_stride + t*dim + d, bf16 (as uint16) or fp32; keys 0..length-1
  *   mask         [N, mask_stride] uint8 (1 = query n sees key t), or NULL: every row sees every key
  *   out          [Hkv, R, D] fp32, normalised (zeros for a row that sees nothing)
@@ -603,15 +604,17 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
         for (int64_t r = 0; r < lanes; r++) s[r] = r < rows && mask[(r % queries) * mask_stride + t];
     }
     for (int64_t h = 0; h < num_kv_heads; h++) {
-        if (is_bf16) { /* [D/2, lanes] pairs (q[2p] in the low half), as vdpbf16ps wants them */
+        if (bf16_dot) { /* [D/2, lanes] pairs (q[2p] in the low half), as vdpbf16ps wants them */
             const uint32_t *q = (const uint32_t *)query + h * rows * dim / 2;
             uint32_t *pairs = (uint32_t *)query_t;
             for (int64_t p = 0; p < dim / 2; p++)
                 for (int64_t r = 0; r < lanes; r++) pairs[p * lanes + r] = r < rows ? q[r * dim / 2 + p] : 0u;
-        } else {
-            const float *q = (const float *)query + h * rows * dim;
-            for (int64_t d = 0; d < dim; d++)
-                for (int64_t r = 0; r < lanes; r++) query_t[d * lanes + r] = r < rows ? q[r * dim + d] : 0.0f;
+        } else { /* [D, lanes] fp32 (a bf16 query converted, where the CPU has no bf16 dot product) */
+            float row[MAX_DIM];
+            for (int64_t r = 0; r < lanes; r++) {
+                const float *q = r < rows ? as_f32(query, is_bf16, (h * rows + r) * dim, dim, row) : zeros;
+                for (int64_t d = 0; d < dim; d++) query_t[d * lanes + r] = q[d];
+            }
         }
         for (int64_t r = 0; r < lanes; r++) row_max[r] = NEG_BIG, row_sum[r] = 0.0f;
         memset(acc_t, 0, sizeof(float) * dim * lanes);

@@ -363,3 +363,18 @@ def test_cache_kernel_supports_row_contiguous_views_only():
     assert not native.supports_cache(stored[0], stored[1], native.MAX_ROWS + 1)
     odd = torch.randn(NUM_KV_HEADS, 10, 60)
     assert not native.supports_cache(odd, odd, 3)
+
+
+def test_cache_kernel_without_a_bf16_dot_product_reads_bf16_queries_as_fp32(fresh_load, monkeypatch):
+    """On a CPU without AVX512-BF16 the kernel scores bf16 caches with fp32 FMAs: the queries must be laid out for
+    that path too."""
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512bf16"))
+    if native.load() is None:
+        pytest.skip("this compiler has no -mno-avx512bf16 (not x86)")
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(NUM_KV_HEADS, 15, HEAD_DIM, generator=generator).bfloat16()
+    keys, values = torch.randn(2, NUM_KV_HEADS, 300, HEAD_DIM, generator=generator).bfloat16()
+    mask = torch.rand(5, 300, generator=generator) > 0.3
+    mask[:, :150] = True
+    out = native.cache_attention(query, 0.125, keys, values, mask, 5)
+    torch.testing.assert_close(out, cache_reference(query, 0.125, keys, values, mask, 5), atol=2e-5, rtol=1e-4)
