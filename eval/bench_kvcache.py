@@ -6,8 +6,11 @@ keys (timed against the prefill), then in one process:
     squeezed_attention over the clusters; with the native kernel, also the range kernel over every key, to show
     its per-key cost);
   - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
-    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement, max
-    logit difference per step, and at each disagreement the gap between the dense run's top two logits;
+    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement (a step agrees
+    when some token is top-1 in both runs, as bf16 logits tie exactly; also strictly, by argmax), max logit
+    difference per step, and at each disagreement the gap between the dense run's top two logits;
+  - in bf16, the same agreement between two exact dense runs: torch's SDPA against our kernel, and the fp32
+    model over the same cache (`--no-floors` skips them);
   - needle-in-a-haystack accuracy, dense vs squeezed, for models with real weights.
 A model written `default/4` is the default model cut to its first 4 layers (real weights, its final norm
 and head, YaRN past 8K): the shapes of the `long-bench` preset, so 64K-128K fit on this CPU, but with a
@@ -21,9 +24,11 @@ not: no needle run). The `long-bench` preset (random weights) is accepted too. L
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -32,7 +37,7 @@ from eval.bench_decode import native_context, yarn_for
 from kvcache import native
 from kvcache.clustering import ClusterConfig
 from kvcache.squeezed import SqueezeStats, squeezed_attention
-from rapid.attention import attend_cache
+from rapid.attention import attend_cache, sdpa_only
 from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
@@ -117,6 +122,43 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
         "speedup": medians["dense"] / medians["squeezed"], "path": path}
 
 
+@dataclass
+class Agreement:
+    """Top-1 agreement of another run with the dense run, step by step (teacher-forced on the dense tokens).
+
+    bf16 logits tie exactly on some steps (on `default/4` at 32K, 13 of 256), and argmax breaks a tie by token
+    index, so a run that sums in another order picks the other tied token half the time. `tied` counts a step as
+    agreeing when some token is top-1 in both runs; `strict` only when the argmax tokens are equal.
+    """
+
+    steps: int = 0
+    strict: int = 0
+    tied: int = 0
+    dense_ties: int = 0  # steps whose dense top two logits are equal
+    max_diff: float = 0.0
+    margins: list[float] = field(default_factory=list)  # at each strict miss: the dense run's top-two gap
+    regrets: list[float] = field(default_factory=list)  # ... and dense top minus the dense logit of the other's pick
+
+    def add(self, dense: torch.Tensor, other: torch.Tensor) -> None:
+        dense, other = dense.float(), other.float()
+        dense_top, other_top = int(dense.argmax()), int(other.argmax())
+        top_two = dense.topk(2).values
+        self.steps += 1
+        self.dense_ties += int(top_two[0] == top_two[1])
+        self.tied += int(((dense == dense.max()) & (other == other.max())).any())
+        if dense_top == other_top:
+            self.strict += 1
+        else:  # a near tie flips under any small change
+            self.margins.append(round(float(top_two[0] - top_two[1]), 4))
+            self.regrets.append(round(float(dense[dense_top] - dense[other_top]), 4))
+        self.max_diff = max(self.max_diff, float((dense - other).abs().max()))
+
+    def report(self) -> dict:
+        return {"top1_agreement": self.tied / self.steps, "top1_agreement_strict": self.strict / self.steps,
+                "max_logit_diff": self.max_diff, "miss_dense_margins": sorted(self.margins),
+                "miss_dense_regrets": sorted(self.regrets)}
+
+
 @torch.inference_mode()
 def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_logits: torch.Tensor,
                       steps: int) -> dict:
@@ -124,7 +166,7 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
     tail = runner.new_tail_cache(document, steps + 1)
     document.stats = SqueezeStats()
     token = int(first_logits.argmax())
-    dense_times, squeezed_times, agree, max_diff, miss_margins, miss_regrets = [], [], 0, 0.0, [], []
+    dense_times, squeezed_times, agreement = [], [], Agreement()
     for _ in range(steps):
         start = time.perf_counter()
         dense_logits = runner.decode(dense, token)
@@ -132,21 +174,33 @@ def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_log
         start = time.perf_counter()
         squeezed_logits = runner.decode(tail, token)
         squeezed_times.append(time.perf_counter() - start)
-        dense_top, squeezed_top = int(dense_logits.argmax()), int(squeezed_logits.argmax())
-        if dense_top == squeezed_top:
-            agree += 1
-        else:  # how close the dense run's own top two were: a near tie flips under any small change
-            top_two = dense_logits.float().topk(2).values
-            miss_margins.append(round(float(top_two[0] - top_two[1]), 4))
-            # and how far below the dense top the squeezed choice sits, under the dense logits
-            miss_regrets.append(round(float(dense_logits[dense_top] - dense_logits[squeezed_top]), 4))
-        max_diff = max(max_diff, float((dense_logits.float() - squeezed_logits.float()).abs().max()))
-        token = dense_top
+        agreement.add(dense_logits, squeezed_logits)
+        token = int(dense_logits.argmax())
     dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
     return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
-            "step_speedup": dense_step / squeezed_step, "top1_agreement": agree / steps,
-            "max_logit_diff": max_diff, "kv_read_fraction": document.stats.read_fraction,
-            "miss_dense_margins": sorted(miss_margins), "miss_dense_regrets": sorted(miss_regrets)}
+            "step_speedup": dense_step / squeezed_step, "kv_read_fraction": document.stats.read_fraction,
+            "dense_ties": agreement.dense_ties} | agreement.report()
+
+
+@torch.inference_mode()
+def exact_floors(runner: ModelRunner, fp32_runner: ModelRunner, document: SqueezedDocument,
+                 first_logits: torch.Tensor, steps: int) -> dict:
+    """How well two exact dense runs of a bf16 model agree, teacher-forced on the model's dense path: torch's SDPA
+    instead of our kernel, and the fp32 model over the same cache cast to fp32. Squeezed attention can hardly agree
+    with the dense run better than these do."""
+    capacity = document.num_tokens + steps + 1
+    dense, sdpa = dense_cache(document.clustered, capacity), dense_cache(document.clustered, capacity)
+    fp32 = dense_cache(document.clustered, capacity, torch.float32)
+    floors = {"sdpa": Agreement(), "fp32": Agreement()}
+    token = int(first_logits.argmax())
+    for _ in range(steps):
+        dense_logits = runner.decode(dense, token)
+        with sdpa_only():
+            floors["sdpa"].add(dense_logits, runner.decode(sdpa, token))
+        floors["fp32"].add(dense_logits, fp32_runner.decode(fp32, token))
+        token = int(dense_logits.argmax())
+    return {f"floor_{name}_{key}": value for name, agreement in floors.items()
+            for key, value in agreement.report().items() if key.startswith("top1")}
 
 
 @torch.inference_mode()
@@ -203,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the document's last positions form one cluster every query reads (0: none)")
     parser.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 only: also measure how well two exact dense runs agree (torch SDPA for our kernel, "
+                             "and fp32 over the same cache), the ceiling for squeezed attention's agreement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     args = parser.parse_args(argv)
@@ -237,6 +294,11 @@ def main(argv: list[str] | None = None) -> dict:
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
                "clusters_per_layer": document.clustered.layers[0].num_clusters, "recent_tokens": args.recent_tokens}
+        if args.floors and args.dtype == "bfloat16":  # the same weights, upcast: only the arithmetic differs
+            fp32_runner = ModelRunner(copy.deepcopy(target).float(), prefill_chunk=args.prefill_chunk)
+            common |= exact_floors(runner, fp32_runner, document, logits, args.steps)
+            del fp32_runner
+            print(json.dumps({k: v for k, v in common.items() if k.startswith("floor")}), flush=True)
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)

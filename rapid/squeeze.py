@@ -225,10 +225,11 @@ def _restore_prefill(cache: KVCache, checkpoints: PrefillCheckpoints, limit: int
     return done
 
 
-def dense_cache(clustered: ClusteredCache, capacity: int) -> KVCache:
+def dense_cache(clustered: ClusteredCache, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
     """A dense `KVCache` holding the document in its original order (bit-exact), with room to `capacity`.
 
     A stored clustered cache thus serves dense attention too: no second copy on disk, no re-prefill.
+    dtype: cast the keys and values (default: as stored), e.g. to decode a bf16 prefill in fp32.
     """
     first = clustered.layers[0]
     num_tokens = first.num_tokens
@@ -238,5 +239,5 @@ def dense_cache(clustered: ClusteredCache, capacity: int) -> KVCache:
     with torch.inference_mode():
         for layer, stored in zip(cache.layers, clustered.layers, strict=True):
             keys, values = stored.original_order()  # [Hkv, T, D]
-            layer.update(keys[None], values[None])
+            layer.update(keys[None].to(dtype or keys.dtype), values[None].to(dtype or values.dtype))
     return cache

@@ -1,5 +1,7 @@
 """Smoke runs of the benchmark scripts on the tiny random model: they run end to end and report every row."""
 
+import torch
+
 from eval import bench_kvcache, bench_spec
 
 
@@ -12,10 +14,28 @@ def test_bench_kvcache_reports_one_row_per_setting():
     for row in rows:
         assert row["context"] == 600 and 0 < row["kv_read_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1
         assert row["prefill_s"] > 0 and row["dense_step_ms"] > 0 and row["squeezed_step_ms"] > 0
-        margins = row["miss_dense_margins"]  # one per step where squeezed and dense disagree
-        assert len(margins) == round(4 * (1 - row["top1_agreement"])) and all(m >= 0 for m in margins)
+        assert row["top1_agreement_strict"] <= row["top1_agreement"] and 0 <= row["dense_ties"] <= 4
+        margins = row["miss_dense_margins"]  # one per step where the argmax tokens differ
+        assert len(margins) == round(4 * (1 - row["top1_agreement_strict"])) and all(m >= 0 for m in margins)
         regrets = row["miss_dense_regrets"]  # the dense top logit minus the dense logit of squeezed's choice
         assert len(regrets) == len(margins) and all(r >= m for r, m in zip(regrets, margins, strict=True))
+        for floor in ("sdpa", "fp32"):  # two exact dense runs of the tiny model: they agree on nearly every step
+            assert 0.5 <= row[f"floor_{floor}_top1_agreement_strict"] <= row[f"floor_{floor}_top1_agreement"] <= 1
+
+
+def test_agreement_counts_a_dense_tie_either_way():
+    agreement = bench_kvcache.Agreement()
+    dense = torch.tensor([1.0, 3.0, 3.0, 0.0])  # tokens 1 and 2 tie; argmax says 1
+    agreement.add(dense, torch.tensor([1.0, 2.9, 3.0, 0.0]))  # picks 2: agrees, but not strictly
+    agreement.add(dense, torch.tensor([1.0, 3.0, 2.0, 0.0]))  # picks 1: agrees strictly
+    agreement.add(dense, torch.tensor([1.0, 2.0, 2.0, 2.5]))  # picks 3: a miss
+    # the other run ties 0 and 1 and its argmax says 0, but 1 is top-1 in both: agrees, not strictly
+    agreement.add(torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([2.0, 2.0, 0.0, 0.0]))
+    report = agreement.report()
+    assert agreement.dense_ties == 3
+    assert report["top1_agreement"] == 3 / 4 and report["top1_agreement_strict"] == 1 / 4
+    assert report["miss_dense_margins"] == [0.0, 0.0, 1.0] and report["miss_dense_regrets"] == [0.0, 1.0, 3.0]
+    assert report["max_logit_diff"] == 2.5
 
 
 def test_bench_kvcache_refined_rows_skip_keep_fractions_above_the_budget():
