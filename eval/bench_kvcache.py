@@ -5,10 +5,11 @@ keys (timed against the prefill), then in one process:
   - attention-only latency of one layer (dense attention over every key, as the model runs it, vs
     squeezed_attention over the clusters; with the native kernel, also the range kernel over every key, to show
     its per-key cost);
-  - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy
-    steps where the squeezed run is teacher-forced on the dense run's tokens: top-1 agreement (a step agrees
-    when some token is top-1 in both runs, as bf16 logits tie exactly; also strictly, by argmax), max logit
-    difference per step, and at each disagreement the gap between the dense run's top two logits;
+  - decode-step latency and fraction of document KV read, dense vs squeezed, over `--steps` greedy steps after
+    each probe (the document's end, then each of a few questions), where the squeezed run is teacher-forced on
+    the dense run's tokens: top-1 agreement (a step agrees when some token is top-1 in both runs, as bf16 logits
+    tie exactly; also strictly, by argmax), max logit difference per step, and at each disagreement the gap
+    between the dense run's top two logits;
   - in bf16, the same agreement between two exact dense runs: torch's SDPA against our kernel, and the fp32
     model over the same cache (`--no-floors` skips them);
   - needle-in-a-haystack accuracy, dense vs squeezed, for models with real weights.
@@ -24,15 +25,18 @@ not: no needle run). The `long-bench` preset (random weights) is accepted too. L
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from api.qa import ChatPrompt
 from eval.bench_decode import native_context, yarn_for
 from kvcache import native
 from kvcache.clustering import ClusterConfig
@@ -54,6 +58,10 @@ from retrieval.texts import insert_needle, shakespeare_text
 
 NEEDLE = "The secret passphrase for the vault is {value}."
 NEEDLE_QUESTION = "What is the secret passphrase for the vault? Answer with the passphrase only."
+# Agreement is measured after each probe: the document's end, then each question (`--questions` of them), so one
+# prefill gives several independent 256-step samples: one sample counts 2-3 steps of near-ties either way.
+PROBE_QUESTIONS = ("Who speaks first in this text, and to whom?", "Summarise the last scene in three sentences.",
+                   "Which characters are named in the text, and how are they related?")
 
 
 class Setting(NamedTuple):
@@ -158,48 +166,79 @@ class Agreement:
                 "max_logit_diff": self.max_diff, "miss_dense_margins": sorted(self.margins),
                 "miss_dense_regrets": sorted(self.regrets)}
 
+    def __add__(self, other: Agreement) -> Agreement:
+        return Agreement(self.steps + other.steps, self.strict + other.strict, self.tied + other.tied,
+                         self.dense_ties + other.dense_ties, max(self.max_diff, other.max_diff),
+                         self.margins + other.margins, self.regrets + other.regrets)
+
+
+Step = Callable[[list[int]], torch.Tensor]  # feeds tokens into one run's cache -> the last position's logits [V]
+
+
+def stepper(runner: ModelRunner, cache, context=contextlib.nullcontext) -> Step:
+    def step(ids: list[int]) -> torch.Tensor:
+        with context():
+            return runner.decode(cache, ids[0]) if len(ids) == 1 else runner.prefill(cache, ids)
+    return step
+
+
+def teacher_forced(dense: Step, others: dict[str, Step], probe: list[int], first_logits: torch.Tensor, steps: int,
+                   agreements: dict[str, Agreement], times: dict[str, list[float]]) -> None:
+    """Feed every run the probe's tokens (none: go on from the document's end, whose logits are first_logits), then
+    `steps` tokens of the dense run's greedy output one at a time; each step compares every other run's logits with
+    the dense run's (agreements[name]) and times each run (times[name], seconds)."""
+    logits = first_logits
+    if probe:
+        logits = dense(probe)
+        for run in others.values():
+            run(probe)
+    for _ in range(steps):
+        token = [int(logits.argmax())]
+        start = time.perf_counter()
+        logits = dense(token)
+        times["dense"].append(time.perf_counter() - start)
+        for name, run in others.items():
+            start = time.perf_counter()
+            other = run(token)
+            times[name].append(time.perf_counter() - start)
+            agreements[name].add(logits, other)
+
 
 @torch.inference_mode()
-def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_logits: torch.Tensor,
-                      steps: int) -> dict:
-    dense = dense_cache(document.clustered, document.num_tokens + steps + 1)
-    tail = runner.new_tail_cache(document, steps + 1)
+def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_logits: torch.Tensor, steps: int,
+                      probes: list[list[int]]) -> dict:
+    """Dense vs squeezed decoding over `steps` teacher-forced steps after each probe (see teacher_forced)."""
     document.stats = SqueezeStats()
-    token = int(first_logits.argmax())
-    dense_times, squeezed_times, agreement = [], [], Agreement()
-    for _ in range(steps):
-        start = time.perf_counter()
-        dense_logits = runner.decode(dense, token)
-        dense_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        squeezed_logits = runner.decode(tail, token)
-        squeezed_times.append(time.perf_counter() - start)
-        agreement.add(dense_logits, squeezed_logits)
-        token = int(dense_logits.argmax())
-    dense_step, squeezed_step = statistics.median(dense_times), statistics.median(squeezed_times)
+    times, per_probe = {"dense": [], "squeezed": []}, []
+    for probe in probes:
+        room = len(probe) + steps + 1
+        dense = stepper(runner, dense_cache(document.clustered, document.num_tokens + room))
+        squeezed = stepper(runner, runner.new_tail_cache(document, room))
+        agreement = {"squeezed": Agreement()}
+        teacher_forced(dense, {"squeezed": squeezed}, probe, first_logits, steps, agreement, times)
+        per_probe.append(agreement["squeezed"])
+    pooled = sum(per_probe, Agreement())
+    dense_step, squeezed_step = statistics.median(times["dense"]), statistics.median(times["squeezed"])
     return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
             "step_speedup": dense_step / squeezed_step, "kv_read_fraction": document.stats.read_fraction,
-            "dense_ties": agreement.dense_ties} | agreement.report()
+            "steps_compared": pooled.steps, "dense_ties": pooled.dense_ties} | pooled.report() | {
+            "top1_agreement_by_probe": [round(a.tied / a.steps, 4) for a in per_probe]}
 
 
 @torch.inference_mode()
 def exact_floors(runner: ModelRunner, fp32_runner: ModelRunner, document: SqueezedDocument,
-                 first_logits: torch.Tensor, steps: int) -> dict:
-    """How well two exact dense runs of a bf16 model agree, teacher-forced on the model's dense path: torch's SDPA
+                 first_logits: torch.Tensor, steps: int, probes: list[list[int]]) -> dict:
+    """How well two exact dense runs of a bf16 model agree with its dense path over the same probes: torch's SDPA
     instead of our kernel, and the fp32 model over the same cache cast to fp32. Squeezed attention can hardly agree
     with the dense run better than these do."""
-    capacity = document.num_tokens + steps + 1
-    dense, sdpa = dense_cache(document.clustered, capacity), dense_cache(document.clustered, capacity)
-    fp32 = dense_cache(document.clustered, capacity, torch.float32)
-    floors = {"sdpa": Agreement(), "fp32": Agreement()}
-    token = int(first_logits.argmax())
-    for _ in range(steps):
-        dense_logits = runner.decode(dense, token)
-        with sdpa_only():
-            floors["sdpa"].add(dense_logits, runner.decode(sdpa, token))
-        floors["fp32"].add(dense_logits, fp32_runner.decode(fp32, token))
-        token = int(dense_logits.argmax())
-    return {f"floor_{name}_{key}": value for name, agreement in floors.items()
+    agreements, times = {"sdpa": Agreement(), "fp32": Agreement()}, {"dense": [], "sdpa": [], "fp32": []}
+    for probe in probes:
+        capacity = document.num_tokens + len(probe) + steps + 1
+        dense = stepper(runner, dense_cache(document.clustered, capacity))
+        others = {"sdpa": stepper(runner, dense_cache(document.clustered, capacity), sdpa_only),
+                  "fp32": stepper(fp32_runner, dense_cache(document.clustered, capacity, torch.float32))}
+        teacher_forced(dense, others, probe, first_logits, steps, agreements, times)
+    return {f"floor_{name}_{key}": value for name, agreement in agreements.items()
             for key, value in agreement.report().items() if key.startswith("top1")}
 
 
@@ -210,8 +249,6 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
 
     -> {"dense": accuracy, setting: accuracy, ...}.
     """
-    from api.qa import ChatPrompt
-
     prompt = ChatPrompt(lm.tokenizer)
     hits = {"dense": 0} | {setting: 0 for setting in settings}
     for k, depth in enumerate(depths):
@@ -239,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plan", nargs="+", default=["default:16384", "default:32768", "default/4:32768",
                                                       "default/4:65536", "default/4:131072"],
                         help="MODEL:CONTEXT pairs; MODEL/L keeps the model's first L layers")
-    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=256, help="teacher-forced steps per probe")
+    parser.add_argument("--questions", type=int, default=len(PROBE_QUESTIONS), choices=range(len(PROBE_QUESTIONS) + 1),
+                        help="probes beyond the document's end: each question's chat turn, then --steps steps")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
                         help="one row per value: a calibrated key budget (0.05, 0.1, 0.2, 0.3) for --rule threshold, "
                              "any fraction of the keys for top")
@@ -294,9 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
                "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
                "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
                "clusters_per_layer": document.clustered.layers[0].num_clusters, "recent_tokens": args.recent_tokens}
+        prompt = ChatPrompt(lm.tokenizer)
+        probes = [[]] + [prompt.question_ids(question) for question in PROBE_QUESTIONS[: args.questions]]
         if args.floors and args.dtype == "bfloat16":  # the same weights, upcast: only the arithmetic differs
             fp32_runner = ModelRunner(copy.deepcopy(target).float(), prefill_chunk=args.prefill_chunk)
-            common |= exact_floors(runner, fp32_runner, document, logits, args.steps)
+            common |= exact_floors(runner, fp32_runner, document, logits, args.steps, probes)
             del fp32_runner
             print(json.dumps({k: v for k, v in common.items() if k.startswith("floor")}), flush=True)
         needles = {}
@@ -309,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             view = setting.view(document, args.rule)
             with torch.inference_mode():
                 row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 40).items()}
-            row |= decode_comparison(runner, view, logits, args.steps)
+            row |= decode_comparison(runner, view, logits, args.steps, probes)
             if needles:
                 row |= {"needle_dense": needles["dense"],
                         "needle_squeezed": needles[setting]}

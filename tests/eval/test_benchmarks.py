@@ -6,17 +6,18 @@ from eval import bench_kvcache, bench_spec
 
 
 def test_bench_kvcache_reports_one_row_per_setting():
-    result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--needle-depths", "--budgets", "0.1", "0.2",
-                                 "--dense-layers", "1", "0", "--rest", "estimate"])
+    result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--questions", "1", "--needle-depths",
+                                 "--budgets", "0.1", "0.2", "--dense-layers", "1", "0", "--rest", "estimate"])
     rows = result["rows"]
     assert [(r["budget"], r["dense_layers"]) for r in rows] == [(0.1, 1), (0.1, 0), (0.2, 1), (0.2, 0)]
     assert {r["rest"] for r in rows} == {"estimate"}
     for row in rows:
         assert row["context"] == 600 and 0 < row["kv_read_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1
         assert row["prefill_s"] > 0 and row["dense_step_ms"] > 0 and row["squeezed_step_ms"] > 0
-        assert row["top1_agreement_strict"] <= row["top1_agreement"] and 0 <= row["dense_ties"] <= 4
+        assert row["steps_compared"] == 8 and len(row["top1_agreement_by_probe"]) == 2  # the document's end, 1 question
+        assert row["top1_agreement_strict"] <= row["top1_agreement"] and 0 <= row["dense_ties"] <= 8
         margins = row["miss_dense_margins"]  # one per step where the argmax tokens differ
-        assert len(margins) == round(4 * (1 - row["top1_agreement_strict"])) and all(m >= 0 for m in margins)
+        assert len(margins) == round(8 * (1 - row["top1_agreement_strict"])) and all(m >= 0 for m in margins)
         regrets = row["miss_dense_regrets"]  # the dense top logit minus the dense logit of squeezed's choice
         assert len(regrets) == len(margins) and all(r >= m for r, m in zip(regrets, margins, strict=True))
         for floor in ("sdpa", "fp32"):  # two exact dense runs of the tiny model: they agree on nearly every step
