@@ -39,6 +39,7 @@ import torch
 from api.qa import ChatPrompt
 from eval.bench_decode import native_context, yarn_for
 from kvcache import native
+from kvcache.calibration import DEFAULT_BUDGETS
 from kvcache.clustering import ClusterConfig
 from kvcache.squeezed import SqueezeStats, squeezed_attention
 from rapid.attention import attend_cache, sdpa_only
@@ -280,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--questions", type=int, default=len(PROBE_QUESTIONS), choices=range(len(PROBE_QUESTIONS) + 1),
                         help="probes beyond the document's end: each question's chat turn, then --steps steps")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
-                        help="one row per value: a calibrated key budget (0.05, 0.1, 0.2, 0.3) for --rule threshold, "
-                             "any fraction of the keys for top")
+                        help="one row per value: a fraction of the keys (calibrated beside the stored budgets "
+                             f"{', '.join(f'{b:g}' for b in DEFAULT_BUDGETS)} for --rule threshold)")
     parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
-    config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens))
+    budgets = tuple(sorted(set(DEFAULT_BUDGETS) | set(args.budgets))) if args.rule == "threshold" else DEFAULT_BUDGETS
+    config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens), budgets=budgets)
     settings = [Setting(budget, dense, rest == "estimate", keep) for budget in args.budgets
                 for dense in args.dense_layers for rest in args.rest for keep in args.keep_fractions
                 if keep is None or keep <= budget]

@@ -134,6 +134,9 @@ def load() -> ctypes.CDLL | None:
         _INT64,
         _POINTER,
     ]
+    library.rest_estimate.restype = ctypes.c_int
+    library.rest_estimate.argtypes = [*pointers, _POINTER, ctypes.c_int, *sizes, _INT64, ctypes.c_float, _POINTER,
+                                      _POINTER]
     library.weighted_means.restype = None
     library.weighted_means.argtypes = [_POINTER, _POINTER, ctypes.c_int, *sizes, ctypes.c_float, _POINTER]
     return library
@@ -238,6 +241,40 @@ def select_ranges(
     mask = None if row_mask is None else row_mask[:count]
     pinned_ranges, clusters = range_pinned[:count], range_clusters[:count]
     return starts[:count], ends[:count], range_offsets, mask, pinned_ranges, clusters, int(counts[0]), int(counts[1])
+
+
+def rest_estimate(
+    logits: Tensor,  # [Hkv, G*N, C] fp32 centroid logits q.C_j * scaling, rows g*N + n
+    thresholds: Tensor,  # [Hkv] fp32 thresholds on log S_j
+    sizes: Tensor,  # [Hkv, C] int64
+    pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
+    means: Tensor,  # [Hkv, C, D] bf16 or fp32: each cluster's mean value
+    queries: int,  # N
+    skip_below: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """The clusters each query does not read under the threshold rule of select_ranges, each as its N_j keys at
+    the centroid logit holding the cluster's mean value (rest_estimate in csrc/range_attention.c): out [Hkv, G*N, D]
+    fp32 and lse [Hkv, G*N] fp32 (-inf for a row that reads every cluster). skip_below as for weighted_means."""
+    library = load()
+    assert library is not None, "rest_estimate called without the native library; check supports() first"
+    num_kv_heads, rows, num_clusters = logits.shape
+    assert logits.dtype == torch.float32 and rows % queries == 0 and rows <= MAX_ROWS
+    assert sizes.shape == (num_kv_heads, num_clusters) and (pinned is None or pinned.shape == sizes.shape)
+    assert means.dtype in KERNEL_DTYPES and means.shape[:2] == sizes.shape and means.shape[2] <= MAX_DIM
+    logits, thresholds = logits.contiguous(), thresholds.float().clamp(-1e30, 1e30).contiguous()  # no infinities
+    sizes, means = sizes.contiguous(), means.contiguous()
+    pinned = None if pinned is None else pinned.contiguous()
+    out = torch.empty(num_kv_heads, rows, means.shape[2])
+    lse = torch.empty(num_kv_heads, rows)
+    status = library.rest_estimate(
+        logits.data_ptr(), thresholds.data_ptr(), sizes.data_ptr(), None if pinned is None else pinned.data_ptr(),
+        means.data_ptr(), int(means.dtype == torch.bfloat16), num_kv_heads, rows // queries, queries, num_clusters,
+        means.shape[2], skip_below, out.data_ptr(), lse.data_ptr(),
+    )  # fmt: skip
+    if status == -2:
+        raise MemoryError("rest_estimate could not allocate its scratch buffer")
+    assert status == 0, f"rest_estimate refused rows={rows} dim={means.shape[2]}"
+    return out, lse.masked_fill_(lse <= EMPTY_LSE / 2, -math.inf)
 
 
 def refined_attention(

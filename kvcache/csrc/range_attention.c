@@ -202,6 +202,38 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
     }
 }
 
+/* cutoff[r] = threshold + log sum_j N_j exp(logit[r, j]) for the rows of one kv head (see select_ranges). */
+static void row_cutoffs(const float *head_logits, const int64_t *head_sizes, float threshold, int64_t rows,
+                        int64_t num_clusters, float *cutoff) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = head_logits + r * num_clusters;
+        float top = NEG_BIG;
+        for (int64_t j = 0; j < num_clusters; j++)
+            if (head_sizes[j] > 0 && row[j] > top) top = row[j];
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < num_clusters; j++) sum += (float)head_sizes[j] * expf(row[j] - top);
+        cutoff[r] = threshold + top + logf(sum);
+    }
+}
+
+/* Whether each query n reads non-empty cluster j (reads[n]): some head of its group is at or above its cutoff, or
+ * the cluster is pinned. Returns how many queries read it. */
+static int64_t cluster_readers(const float *head_logits, const float *cutoff, int always, int64_t group,
+                               int64_t queries, int64_t num_clusters, int64_t j, uint8_t *reads) {
+    int64_t readers = 0;
+    for (int64_t n = 0; n < queries; n++) {
+        int read = always;
+        for (int64_t g = 0; g < group && !read; g++) {
+            const int64_t r = g * queries + n;
+            read = head_logits[r * num_clusters + j] >= cutoff[r];
+        }
+        reads[n] = (uint8_t)read;
+        readers += read;
+    }
+    return readers;
+}
+
 /* The threshold rule (kvcache.selection.ThresholdRule, flat lookup) straight from centroid logits to key ranges.
  * For kv head h and query row r (rows g*N + n: the G heads of query n), with N_j the cluster sizes,
  *   cutoff[r] = threshold[h] + log sum_j N_j exp(logit[r, j]),
@@ -229,29 +261,11 @@ int64_t select_ranges(const float *logits, const float *thresholds, const int64_
     for (int64_t h = 0; h < num_kv_heads; h++) {
         const float *head_logits = logits + h * rows * num_clusters;
         const int64_t *head_sizes = sizes + h * num_clusters;
-        for (int64_t r = 0; r < rows; r++) {
-            const float *row = head_logits + r * num_clusters;
-            float top = NEG_BIG;
-            for (int64_t j = 0; j < num_clusters; j++)
-                if (head_sizes[j] > 0 && row[j] > top) top = row[j];
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < num_clusters; j++) sum += (float)head_sizes[j] * expf(row[j] - top);
-            cutoff[r] = thresholds[h] + top + logf(sum);
-        }
+        row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
         for (int64_t j = 0; j < num_clusters; j++) {
             if (head_sizes[j] == 0) continue;
             const int always = pinned && pinned[h * num_clusters + j];
-            int64_t readers = 0;
-            for (int64_t n = 0; n < queries; n++) {
-                int read = always;
-                for (int64_t g = 0; g < group && !read; g++) {
-                    const int64_t r = g * queries + n;
-                    read = head_logits[r * num_clusters + j] >= cutoff[r];
-                }
-                reads[n] = (uint8_t)read;
-                readers += read;
-            }
+            const int64_t readers = cluster_readers(head_logits, cutoff, always, group, queries, num_clusters, j, reads);
             if (readers == 0) continue;
             starts[count] = offsets[h * (num_clusters + 1) + j];
             ends[count] = offsets[h * (num_clusters + 1) + j + 1];
@@ -277,6 +291,80 @@ static void *scratch(void **buffer, int64_t *capacity, int64_t bytes) {
         *capacity = bytes;
     }
     return *buffer;
+}
+
+/* The estimate of the clusters a query does not read (kvcache.squeezed_attention's estimate_rest), under the same
+ * threshold rule as select_ranges: for row r (rows g*N + n), every non-empty cluster j that query n does not read
+ * counts as N_j keys at logit[r, j] holding the cluster's mean value,
+ *   lse[r] = log sum_j N_j exp(logit[r, j]),   out[r] = sum_j N_j exp(logit[r, j] - lse[r]) means[h, j],
+ * sums over the unread clusters only (lse = EMPTY_LSE and out = 0 for a row that reads every cluster). A cluster
+ * weighing below skip_below in every row is not read, as in weighted_means.
+ *   logits [Hkv, G*N, C] fp32, thresholds [Hkv], sizes [Hkv, C] int64, pinned [Hkv, C] uint8 or NULL, means
+ *   [Hkv, C, D] bf16 (as uint16) or fp32; out [Hkv, G*N, D] fp32, lse [Hkv, G*N] fp32. Returns 0, -1 when G*N
+ *   exceeds MAX_ROWS or D exceeds MAX_DIM, -2 when its scratch cannot be allocated. */
+int rest_estimate(const float *logits, const float *thresholds, const int64_t *sizes, const uint8_t *pinned,
+                  const void *means, int is_bf16, int64_t num_kv_heads, int64_t group, int64_t queries,
+                  int64_t num_clusters, int64_t dim, float skip_below, float *out, float *lse) {
+    const int64_t rows = group * queries;
+    if (rows > MAX_ROWS || dim > MAX_DIM) return -1;
+    static _Thread_local float cutoff[MAX_ROWS], mean_row[MAX_DIM];
+    static _Thread_local void *weight_buffer, *read_buffer;
+    static _Thread_local int64_t weight_capacity, read_capacity;
+    float *weights = scratch(&weight_buffer, &weight_capacity, (int64_t)sizeof(float) * (rows * num_clusters + 1));
+    uint8_t *read = scratch(&read_buffer, &read_capacity, num_clusters + 1);
+    if (!weights || !read) return -2;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const float *head_logits = logits + h * rows * num_clusters;
+        const int64_t *head_sizes = sizes + h * num_clusters;
+        const uint8_t *head_pinned = pinned ? pinned + h * num_clusters : NULL;
+        float *acc = out + h * rows * dim;
+        row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
+        /* Pass 1, per query: the clusters it reads (or empty ones); then each of its rows' weights over the others. */
+        for (int64_t n = 0; n < queries; n++) {
+            for (int64_t j = 0; j < num_clusters; j++) read[j] = head_sizes[j] == 0 || (head_pinned && head_pinned[j]);
+            for (int64_t g = 0; g < group; g++) {
+                const float *row = head_logits + (g * queries + n) * num_clusters, cut = cutoff[g * queries + n];
+#pragma omp simd
+                for (int64_t j = 0; j < num_clusters; j++) read[j] |= row[j] >= cut;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t r = g * queries + n;
+                const float *row = head_logits + r * num_clusters;
+                float *weight = weights + r * num_clusters, top = NEG_BIG, total = 0.0f;
+#pragma omp simd reduction(max : top)
+                for (int64_t j = 0; j < num_clusters; j++) {
+                    weight[j] = read[j] ? NEG_BIG : row[j];
+                    top = weight[j] > top ? weight[j] : top;
+                }
+#pragma omp simd reduction(+ : total)
+                for (int64_t j = 0; j < num_clusters; j++) {
+                    weight[j] = weight[j] > NEG_BIG ? (float)head_sizes[j] * expf(weight[j] - top) : 0.0f;
+                    total += weight[j];
+                }
+                const float scale = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma omp simd
+                for (int64_t j = 0; j < num_clusters; j++) weight[j] *= scale;
+                lse[h * rows + r] = total > 0.0f ? top + logf(total) : EMPTY_LSE;
+            }
+        }
+        /* Pass 2: the normalised weights times the mean values, skipping the clusters no row weighs. */
+        memset(acc, 0, sizeof(float) * rows * dim);
+        for (int64_t j = 0; j < num_clusters; j++) {
+            float largest = 0.0f;
+            for (int64_t r = 0; r < rows; r++) {
+                const float weight = weights[r * num_clusters + j];
+                largest = weight > largest ? weight : largest;
+            }
+            if (largest < skip_below) continue;
+            const float *mean = as_f32(means, is_bf16, (h * num_clusters + j) * dim, dim, mean_row);
+            for (int64_t r = 0; r < rows; r++) {
+                const float p = weights[r * num_clusters + j];
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) acc[r * dim + d] += p * mean[d];
+            }
+        }
+    }
+    return 0;
 }
 
 /* The value a[k] would hold if a[0..n-1] were sorted in descending order (quickselect; reorders a). */

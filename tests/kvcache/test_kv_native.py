@@ -171,25 +171,36 @@ def test_centroid_logits_and_weighted_means_match_torch(dtype):
     assert (skipped - expected).abs().max() <= 50 * 1e-3 * means.float().abs().max()
 
 
-@pytest.mark.parametrize("num_queries", [1, 5])
-def test_native_threshold_selection_equals_torchs(num_queries):
+def threshold_cases(num_queries: int):
+    """A layer with empty clusters, queries, two pinned clusters (one empty) and three threshold vectors:
+    about half the non-empty clusters read (halfway between two scores, so rounding cannot tie), all, none."""
     from kvcache.clustering import layer_from_assignments
-    from kvcache.selection import ThresholdRule, centroid_logits, cluster_log_weights, score_clusters
-    from kvcache.squeezed import KeyRanges
+    from kvcache.selection import cluster_log_weights
 
     generator = torch.Generator().manual_seed(3)
     group, num_clusters = 2, 40
     keys = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator)
+    values = torch.randn(NUM_KV_HEADS, NUM_TOKENS, HEAD_DIM, generator=generator)
     assignments = torch.randint(0, num_clusters // 2, (NUM_KV_HEADS, NUM_TOKENS), generator=generator) * 2
-    layer = layer_from_assignments(keys, keys, assignments, num_clusters)  # odd clusters stay empty
+    layer = layer_from_assignments(keys, values, assignments, num_clusters)  # odd clusters stay empty
     query = torch.randn(NUM_KV_HEADS, group, num_queries, HEAD_DIM, generator=generator)
     pinned = torch.zeros(NUM_KV_HEADS, num_clusters, dtype=torch.bool)
     pinned[:, [4, 7]] = True  # one full, one empty
     scores = cluster_log_weights(query, layer, HEAD_DIM**-0.5).amax(dim=1)[:, :, ::2].flatten(1)  # non-empty
     ordered = scores.sort(dim=1).values
-    half = ordered.shape[1] // 2  # about half of them read; halfway between two scores, so rounding cannot tie
+    half = ordered.shape[1] // 2
     middle = (ordered[:, half - 1] + ordered[:, half]) / 2
-    for thresholds in (middle, torch.full((3,), -math.inf), torch.full((3,), math.inf)):
+    return layer, query, pinned, (middle, torch.full((3,), -math.inf), torch.full((3,), math.inf))
+
+
+@pytest.mark.parametrize("num_queries", [1, 5])
+def test_native_threshold_selection_equals_torchs(num_queries):
+    from kvcache.selection import ThresholdRule, centroid_logits, score_clusters
+    from kvcache.squeezed import KeyRanges
+
+    layer, query, pinned, cases = threshold_cases(num_queries)
+    group = query.shape[1]
+    for thresholds in cases:
         rule = ThresholdRule(thresholds)
         selected = score_clusters(query, layer, rule, HEAD_DIM**-0.5)[0] | pinned[:, None, :]
         selected &= layer.sizes[:, None, :] > 0
@@ -205,8 +216,33 @@ def test_native_threshold_selection_equals_torchs(num_queries):
             assert (ours is None and theirs is None) or torch.equal(ours, theirs)
         assert keys_read == int((union * layer.sizes).sum())
         assert keys_selected == int((selected * layer.sizes[:, None, :]).sum())
-        if thresholds is middle:
+        if thresholds is cases[0]:
             assert 0.2 < selected.float().mean() / (layer.sizes > 0).float().mean() < 0.8
+
+
+@pytest.mark.parametrize("num_queries", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rest_estimate_equals_torchs(num_queries, dtype):
+    """The estimate of the unread clusters, fused with the threshold rule, against the torch path's over the
+    selection score_clusters makes (every cluster read: nothing to estimate; none read: all of them)."""
+    from kvcache.selection import ThresholdRule, centroid_logits, score_clusters
+    from kvcache.squeezed import _estimated_rest
+
+    layer, query, pinned, cases = threshold_cases(num_queries)
+    group = query.shape[1]
+    means = layer.value_means.to(dtype)
+    for thresholds in cases:
+        selected, logits = score_clusters(query, layer, ThresholdRule(thresholds), HEAD_DIM**-0.5)
+        expected_out, expected_lse = _estimated_rest(logits, selected | pinned[:, None, :], layer)
+        flat = centroid_logits(query, layer, HEAD_DIM**-0.5).view(NUM_KV_HEADS, group * num_queries, -1)
+        out, lse = native.rest_estimate(flat, thresholds, layer.sizes, pinned, means, num_queries)
+        torch.testing.assert_close(lse, expected_lse[0], atol=1e-4, rtol=1e-5)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 means
+        torch.testing.assert_close(out, expected_out[0], atol=tolerance, rtol=tolerance)
+        if thresholds is cases[1]:
+            assert (lse == -math.inf).all() and (out == 0).all()
+        else:
+            assert (lse > -math.inf).all()
 
 
 def refined_reference(query, keys, values, starts, ends, range_offsets, row_mask, pinned, queries, keep,
