@@ -229,7 +229,7 @@ def _refined_gathered(
     reads = selected.gather(2, cluster[:, None, :].expand(-1, num_queries, -1)) & valid[:, None, :]  # [Hkv, N, M]
     keys = torch.stack([doc.keys[h, indices[h]] for h in range(num_kv_heads)]).float()
     values = torch.stack([doc.values[h, indices[h]] for h in range(num_kv_heads)]).float()
-    q = query[0].float().view(num_kv_heads, group * num_queries, head_dim)
+    q = query[0].float().reshape(num_kv_heads, group * num_queries, head_dim)
     logits = (q @ keys.transpose(1, 2) * scaling).view(num_kv_heads, group, num_queries, -1)
     logits = logits.masked_fill(~reads[:, None], -math.inf)
     score = logits.amax(dim=1)  # [Hkv, N, M]
@@ -371,7 +371,7 @@ def dense_attention(
     num_kv_heads, num_doc, _ = doc_keys.shape
     keys = torch.cat([doc_keys, tail_keys[0].to(doc_keys.dtype)], dim=1).float()  # [Hkv, T+S, D]
     values = torch.cat([doc_values, tail_values[0].to(doc_values.dtype)], dim=1).float()
-    q = query[0].float().view(num_kv_heads, num_heads // num_kv_heads * num_queries, head_dim)
+    q = query[0].float().reshape(num_kv_heads, num_heads // num_kv_heads * num_queries, head_dim)
     logits = (q @ keys.transpose(1, 2) * scaling).view(num_kv_heads, -1, num_queries, keys.shape[1])
     if tail_mask is not None:
         doc_visible = torch.ones(num_queries, num_doc, dtype=torch.bool, device=tail_mask.device)
