@@ -178,28 +178,33 @@ void centroid_logits(const float *query, const void *centroids, int is_bf16, int
 /* out[h, r] = sum_c weights[h, r, c] * means[h, c] for weights [Hkv, R, C] fp32 and means [Hkv, C, D] bf16 or
  * fp32. A cluster whose weight is below `skip_below` for every row is not read: with weights that sum to 1 per
  * row, that changes each output by at most C * skip_below times the largest mean. */
-void weighted_means(const float *weights, const void *means, int is_bf16, int64_t num_kv_heads, int64_t rows,
-                    int64_t num_clusters, int64_t dim, float skip_below, float *out) {
+/* acc[r] = sum_j w[r, j] * means[j] for one kv head's weights w [R, C] and means [C, D] (bf16 or fp32), skipping
+ * the clusters whose weight is below skip_below in every row. */
+static void add_weighted_means(const float *w, const void *means, int is_bf16, int64_t means_at, int64_t rows,
+                               int64_t num_clusters, int64_t dim, float skip_below, float *acc) {
     float row[MAX_DIM];
-    for (int64_t h = 0; h < num_kv_heads; h++) {
-        const float *w = weights + h * rows * num_clusters;
-        float *acc = out + h * rows * dim;
-        memset(acc, 0, sizeof(float) * rows * dim);
-        for (int64_t c = 0; c < num_clusters; c++) {
-            float largest = 0.0f;
-            for (int64_t r = 0; r < rows; r++) {
-                const float weight = w[r * num_clusters + c];
-                largest = weight > largest ? weight : largest;
-            }
-            if (largest < skip_below) continue;
-            const float *mean = as_f32(means, is_bf16, (h * num_clusters + c) * dim, dim, row);
-            for (int64_t r = 0; r < rows; r++) {
-                const float p = w[r * num_clusters + c];
+    memset(acc, 0, sizeof(float) * rows * dim);
+    for (int64_t c = 0; c < num_clusters; c++) {
+        float largest = 0.0f;
+        for (int64_t r = 0; r < rows; r++) {
+            const float weight = w[r * num_clusters + c];
+            largest = weight > largest ? weight : largest;
+        }
+        if (largest < skip_below) continue;
+        const float *mean = as_f32(means, is_bf16, means_at + c * dim, dim, row);
+        for (int64_t r = 0; r < rows; r++) {
+            const float p = w[r * num_clusters + c];
 #pragma omp simd
-                for (int64_t d = 0; d < dim; d++) acc[r * dim + d] += p * mean[d];
-            }
+            for (int64_t d = 0; d < dim; d++) acc[r * dim + d] += p * mean[d];
         }
     }
+}
+
+void weighted_means(const float *weights, const void *means, int is_bf16, int64_t num_kv_heads, int64_t rows,
+                    int64_t num_clusters, int64_t dim, float skip_below, float *out) {
+    for (int64_t h = 0; h < num_kv_heads; h++)
+        add_weighted_means(weights + h * rows * num_clusters, means, is_bf16, h * num_clusters * dim, rows,
+                           num_clusters, dim, skip_below, out + h * rows * dim);
 }
 
 /* cutoff[r] = threshold + log sum_j N_j exp(logit[r, j]) for the rows of one kv head (see select_ranges). */
@@ -307,7 +312,7 @@ int rest_estimate(const float *logits, const float *thresholds, const int64_t *s
                   int64_t num_clusters, int64_t dim, float skip_below, float *out, float *lse) {
     const int64_t rows = group * queries;
     if (rows > MAX_ROWS || dim > MAX_DIM) return -1;
-    static _Thread_local float cutoff[MAX_ROWS], mean_row[MAX_DIM];
+    static _Thread_local float cutoff[MAX_ROWS];
     static _Thread_local void *weight_buffer, *read_buffer;
     static _Thread_local int64_t weight_capacity, read_capacity;
     float *weights = scratch(&weight_buffer, &weight_capacity, (int64_t)sizeof(float) * (rows * num_clusters + 1));
@@ -317,7 +322,6 @@ int rest_estimate(const float *logits, const float *thresholds, const int64_t *s
         const float *head_logits = logits + h * rows * num_clusters;
         const int64_t *head_sizes = sizes + h * num_clusters;
         const uint8_t *head_pinned = pinned ? pinned + h * num_clusters : NULL;
-        float *acc = out + h * rows * dim;
         row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
         /* Pass 1, per query: the clusters it reads (or empty ones); then each of its rows' weights over the others. */
         for (int64_t n = 0; n < queries; n++) {
@@ -348,21 +352,8 @@ int rest_estimate(const float *logits, const float *thresholds, const int64_t *s
             }
         }
         /* Pass 2: the normalised weights times the mean values, skipping the clusters no row weighs. */
-        memset(acc, 0, sizeof(float) * rows * dim);
-        for (int64_t j = 0; j < num_clusters; j++) {
-            float largest = 0.0f;
-            for (int64_t r = 0; r < rows; r++) {
-                const float weight = weights[r * num_clusters + j];
-                largest = weight > largest ? weight : largest;
-            }
-            if (largest < skip_below) continue;
-            const float *mean = as_f32(means, is_bf16, (h * num_clusters + j) * dim, dim, mean_row);
-            for (int64_t r = 0; r < rows; r++) {
-                const float p = weights[r * num_clusters + j];
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) acc[r * dim + d] += p * mean[d];
-            }
-        }
+        add_weighted_means(weights, means, is_bf16, h * num_clusters * dim, rows, num_clusters, dim, skip_below,
+                           out + h * rows * dim);
     }
     return 0;
 }
