@@ -175,9 +175,6 @@ void centroid_logits(const float *query, const void *centroids, int is_bf16, int
     }
 }
 
-/* out[h, r] = sum_c weights[h, r, c] * means[h, c] for weights [Hkv, R, C] fp32 and means [Hkv, C, D] bf16 or
- * fp32. A cluster whose weight is below `skip_below` for every row is not read: with weights that sum to 1 per
- * row, that changes each output by at most C * skip_below times the largest mean. */
 /* acc[r] = sum_j w[r, j] * means[j] for one kv head's weights w [R, C] and means [C, D] (bf16 or fp32), skipping
  * the clusters whose weight is below skip_below in every row. */
 static void add_weighted_means(const float *w, const void *means, int is_bf16, int64_t means_at, int64_t rows,
@@ -200,6 +197,9 @@ static void add_weighted_means(const float *w, const void *means, int is_bf16, i
     }
 }
 
+/* out[h, r] = sum_c weights[h, r, c] * means[h, c] for weights [Hkv, R, C] fp32 and means [Hkv, C, D] bf16 or
+ * fp32. A cluster whose weight is below `skip_below` for every row is not read: with weights that sum to 1 per
+ * row, that changes each output by at most C * skip_below times the largest mean. */
 void weighted_means(const float *weights, const void *means, int is_bf16, int64_t num_kv_heads, int64_t rows,
                     int64_t num_clusters, int64_t dim, float skip_below, float *out) {
     for (int64_t h = 0; h < num_kv_heads; h++)
