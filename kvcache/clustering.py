@@ -154,14 +154,20 @@ class ClusteredLayer:
         return self.key_variances.transpose(1, 2).contiguous()
 
     @functools.cached_property
-    def compact_variances(self) -> Tensor:
-        """key_variances in the dtype of compact_centroids (for the native scoring pass)."""
-        return self.key_variances.to(self.compact_centroids.dtype).contiguous()
+    def compact_scoring(self) -> Tensor:
+        """[Hkv, C, 2D]: each centroid followed by its key variances, in the dtype of compact_centroids, so the native
+        pass scores both terms of the cluster logit in one read (one dot of 2D per cluster, not two of D)."""
+        return torch.cat([self.centroids, self.key_variances], dim=2).to(self.compact_centroids.dtype).contiguous()
 
     @functools.cached_property
     def compact_value_means(self) -> Tensor:
         """value_means in bf16 when the cache is bf16 (for the native rest estimate), else fp32."""
         return self.value_means.to(self.compact_centroids.dtype).contiguous()
+
+    @functools.cached_property
+    def float_sizes(self) -> Tensor:
+        """[Hkv, C] fp32 N_j, as the native selection reads them (exact below 2**24 keys per cluster)."""
+        return self.sizes.float()
 
     @functools.cached_property
     def log_sizes(self) -> Tensor:

@@ -206,7 +206,7 @@ def range_attention(
 def select_ranges(
     logits: Tensor,  # [Hkv, G*N, C] fp32 centroid logits q.C_j * scaling, rows g*N + n
     thresholds: Tensor,  # [Hkv] fp32 thresholds on log S_j
-    sizes: Tensor,  # [Hkv, C] int64
+    sizes: Tensor,  # [Hkv, C]; fp32 saves a conversion (ClusteredLayer.float_sizes)
     offsets: Tensor,  # [Hkv, C+1] int64
     pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
     queries: int,  # N
@@ -222,7 +222,7 @@ def select_ranges(
     assert sizes.shape == (num_kv_heads, num_clusters) and offsets.shape == (num_kv_heads, num_clusters + 1)
     assert pinned is None or (pinned.dtype == torch.bool and pinned.shape == sizes.shape)
     logits, thresholds = logits.contiguous(), thresholds.float().clamp(-1e30, 1e30).contiguous()  # no infinities
-    sizes, offsets = sizes.contiguous(), offsets.contiguous()
+    sizes, offsets = sizes.float().contiguous(), offsets.contiguous()
     pinned = None if pinned is None else pinned.contiguous()
     starts = torch.empty(num_kv_heads * num_clusters, dtype=torch.int64)
     ends = torch.empty_like(starts)
@@ -246,7 +246,7 @@ def select_ranges(
 def rest_estimate(
     logits: Tensor,  # [Hkv, G*N, C] fp32 centroid logits q.C_j * scaling, rows g*N + n
     thresholds: Tensor,  # [Hkv] fp32 thresholds on log S_j
-    sizes: Tensor,  # [Hkv, C] int64
+    sizes: Tensor,  # [Hkv, C]; fp32 saves a conversion (ClusteredLayer.float_sizes)
     pinned: Tensor | None,  # [Hkv, C] bool: clusters every query reads
     means: Tensor,  # [Hkv, C, D] bf16 or fp32: each cluster's mean value
     queries: int,  # N
@@ -262,7 +262,7 @@ def rest_estimate(
     assert sizes.shape == (num_kv_heads, num_clusters) and (pinned is None or pinned.shape == sizes.shape)
     assert means.dtype in KERNEL_DTYPES and means.shape[:2] == sizes.shape and means.shape[2] <= MAX_DIM
     logits, thresholds = logits.contiguous(), thresholds.float().clamp(-1e30, 1e30).contiguous()  # no infinities
-    sizes, means = sizes.contiguous(), means.contiguous()
+    sizes, means = sizes.float().contiguous(), means.contiguous()
     pinned = None if pinned is None else pinned.contiguous()
     out = torch.empty(num_kv_heads, rows, means.shape[2])
     lse = torch.empty(num_kv_heads, rows)

@@ -98,9 +98,10 @@ def centroid_logits(query: Tensor, layer: ClusteredLayer, scaling: float) -> Ten
     rows = query.reshape(num_kv_heads, group * num_queries, head_dim)
     spread = VARIANCE_WEIGHT * scaling * scaling / 2
     if native.supports(layer.keys, 0):  # bf16 centroids for a bf16 cache: half the bytes of this memory-bound pass
-        logits = native.centroid_logits(rows * scaling, layer.compact_centroids)
         if spread:
-            logits += native.centroid_logits(rows * rows * spread, layer.compact_variances)
+            logits = native.centroid_logits(torch.cat([rows * scaling, rows * rows * spread], 2), layer.compact_scoring)
+        else:
+            logits = native.centroid_logits(rows * scaling, layer.compact_centroids)
     else:
         logits = torch.bmm(rows, layer.centroids_by_dim) * scaling
         if spread:

@@ -107,12 +107,12 @@ def squeezed_attention(
     if native_path and _flat_threshold(rule, doc):  # scoring, selection and the rest estimate in C as well
         logits = centroid_logits(q, doc, scaling).view(num_kv_heads, group * num_queries, -1)
         *ranges, keys_read, keys_selected = native.select_ranges(
-            logits, rule.log_thresholds, doc.sizes, doc.offsets, always_read, num_queries
+            logits, rule.log_thresholds, doc.float_sizes, doc.offsets, always_read, num_queries
         )
         ranges = KeyRanges(*ranges)
         if estimate_rest:
             rest_out, rest_lse = native.rest_estimate(
-                logits, rule.log_thresholds, doc.sizes, always_read, doc.compact_value_means, num_queries
+                logits, rule.log_thresholds, doc.float_sizes, always_read, doc.compact_value_means, num_queries
             )
             parts.append((rest_out[None], rest_lse[None]))
     else:

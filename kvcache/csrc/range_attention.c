@@ -207,17 +207,22 @@ void weighted_means(const float *weights, const void *means, int is_bf16, int64_
                            num_clusters, dim, skip_below, out + h * rows * dim);
 }
 
-/* cutoff[r] = threshold + log sum_j N_j exp(logit[r, j]) for the rows of one kv head (see select_ranges). */
-static void row_cutoffs(const float *head_logits, const int64_t *head_sizes, float threshold, int64_t rows,
+/* cutoff[r] = threshold + log sum_j N_j exp(logit[r, j]) for the rows of one kv head (see select_ranges). The sizes
+ * are fp32: converting int64 to float in the exp loop made it six times slower (AVX2 has no such conversion). */
+static void row_cutoffs(const float *head_logits, const float *head_sizes, float threshold, int64_t rows,
                         int64_t num_clusters, float *cutoff) {
     for (int64_t r = 0; r < rows; r++) {
         const float *row = head_logits + r * num_clusters;
         float top = NEG_BIG;
-        for (int64_t j = 0; j < num_clusters; j++)
-            if (head_sizes[j] > 0 && row[j] > top) top = row[j];
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < num_clusters; j++) {
+            const float logit = head_sizes[j] > 0.0f ? row[j] : NEG_BIG;
+            top = logit > top ? logit : top;
+        }
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < num_clusters; j++) sum += (float)head_sizes[j] * expf(row[j] - top);
+        for (int64_t j = 0; j < num_clusters; j++)
+            sum += head_sizes[j] > 0.0f ? head_sizes[j] * expf(row[j] - top) : 0.0f;
         cutoff[r] = threshold + top + logf(sum);
     }
 }
@@ -246,13 +251,13 @@ static int64_t cluster_readers(const float *head_logits, const float *cutoff, in
  * group has logit[g*N + n, j] >= cutoff[g*N + n], or when j is pinned. For each head, in cluster order, every
  * cluster some query reads becomes one range offsets[j] .. offsets[j+1]; with row_mask, mask[q, g*N + n] says
  * whether query n reads range q (every head g of its group alike).
- *   logits [Hkv, G*N, C] fp32, thresholds [Hkv] fp32, sizes [Hkv, C] int64, offsets [Hkv, C+1] int64,
+ *   logits [Hkv, G*N, C] fp32, thresholds [Hkv] fp32, sizes [Hkv, C] fp32, offsets [Hkv, C+1] int64,
  *   pinned [Hkv, C] uint8 or NULL; out: starts / ends [Hkv*C], range_offsets [Hkv+1], row_mask [Hkv*C, G*N]
  *   or NULL (then N must be 1), range_pinned [Hkv*C] or NULL (1 = the range's cluster is pinned), range_clusters
  *   [Hkv*C] or NULL (the range's cluster), counts [2] = keys
  *   read (the union over queries) and keys selected (summed over queries). Returns the number of ranges, or -1 when
  *   G*N exceeds MAX_ROWS. */
-int64_t select_ranges(const float *logits, const float *thresholds, const int64_t *sizes, const int64_t *offsets,
+int64_t select_ranges(const float *logits, const float *thresholds, const float *sizes, const int64_t *offsets,
                       const uint8_t *pinned, int64_t num_kv_heads, int64_t group, int64_t queries,
                       int64_t num_clusters, int64_t *starts, int64_t *ends, int64_t *range_offsets, uint8_t *row_mask,
                       uint8_t *range_pinned, int64_t *range_clusters, int64_t *counts) {
@@ -265,21 +270,22 @@ int64_t select_ranges(const float *logits, const float *thresholds, const int64_
     range_offsets[0] = 0;
     for (int64_t h = 0; h < num_kv_heads; h++) {
         const float *head_logits = logits + h * rows * num_clusters;
-        const int64_t *head_sizes = sizes + h * num_clusters;
+        const float *head_sizes = sizes + h * num_clusters;
+        const int64_t *head_offsets = offsets + h * (num_clusters + 1);
         row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
         for (int64_t j = 0; j < num_clusters; j++) {
-            if (head_sizes[j] == 0) continue;
+            if (head_sizes[j] == 0.0f) continue;
             const int always = pinned && pinned[h * num_clusters + j];
             const int64_t readers = cluster_readers(head_logits, cutoff, always, group, queries, num_clusters, j, reads);
             if (readers == 0) continue;
-            starts[count] = offsets[h * (num_clusters + 1) + j];
-            ends[count] = offsets[h * (num_clusters + 1) + j + 1];
+            starts[count] = head_offsets[j];
+            ends[count] = head_offsets[j + 1];
             if (range_pinned) range_pinned[count] = (uint8_t)always;
             if (range_clusters) range_clusters[count] = j;
             if (row_mask)
                 for (int64_t g = 0; g < group; g++) memcpy(row_mask + count * rows + g * queries, reads, queries);
-            counts[0] += head_sizes[j];
-            counts[1] += readers * head_sizes[j];
+            counts[0] += ends[count] - starts[count];
+            counts[1] += readers * (ends[count] - starts[count]);
             count++;
         }
         range_offsets[h + 1] = count;
@@ -304,10 +310,10 @@ static void *scratch(void **buffer, int64_t *capacity, int64_t bytes) {
  *   lse[r] = log sum_j N_j exp(logit[r, j]),   out[r] = sum_j N_j exp(logit[r, j] - lse[r]) means[h, j],
  * sums over the unread clusters only (lse = EMPTY_LSE and out = 0 for a row that reads every cluster). A cluster
  * weighing below skip_below in every row is not read, as in weighted_means.
- *   logits [Hkv, G*N, C] fp32, thresholds [Hkv], sizes [Hkv, C] int64, pinned [Hkv, C] uint8 or NULL, means
+ *   logits [Hkv, G*N, C] fp32, thresholds [Hkv], sizes [Hkv, C] fp32, pinned [Hkv, C] uint8 or NULL, means
  *   [Hkv, C, D] bf16 (as uint16) or fp32; out [Hkv, G*N, D] fp32, lse [Hkv, G*N] fp32. Returns 0, -1 when G*N
  *   exceeds MAX_ROWS or D exceeds MAX_DIM, -2 when its scratch cannot be allocated. */
-int rest_estimate(const float *logits, const float *thresholds, const int64_t *sizes, const uint8_t *pinned,
+int rest_estimate(const float *logits, const float *thresholds, const float *sizes, const uint8_t *pinned,
                   const void *means, int is_bf16, int64_t num_kv_heads, int64_t group, int64_t queries,
                   int64_t num_clusters, int64_t dim, float skip_below, float *out, float *lse) {
     const int64_t rows = group * queries;
@@ -320,12 +326,12 @@ int rest_estimate(const float *logits, const float *thresholds, const int64_t *s
     if (!weights || !read) return -2;
     for (int64_t h = 0; h < num_kv_heads; h++) {
         const float *head_logits = logits + h * rows * num_clusters;
-        const int64_t *head_sizes = sizes + h * num_clusters;
+        const float *head_sizes = sizes + h * num_clusters;
         const uint8_t *head_pinned = pinned ? pinned + h * num_clusters : NULL;
         row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
         /* Pass 1, per query: the clusters it reads (or empty ones); then each of its rows' weights over the others. */
         for (int64_t n = 0; n < queries; n++) {
-            for (int64_t j = 0; j < num_clusters; j++) read[j] = head_sizes[j] == 0 || (head_pinned && head_pinned[j]);
+            for (int64_t j = 0; j < num_clusters; j++) read[j] = head_sizes[j] == 0.0f || (head_pinned && head_pinned[j]);
             for (int64_t g = 0; g < group; g++) {
                 const float *row = head_logits + (g * queries + n) * num_clusters, cut = cutoff[g * queries + n];
 #pragma omp simd
@@ -342,7 +348,7 @@ int rest_estimate(const float *logits, const float *thresholds, const int64_t *s
                 }
 #pragma omp simd reduction(+ : total)
                 for (int64_t j = 0; j < num_clusters; j++) {
-                    weight[j] = weight[j] > NEG_BIG ? (float)head_sizes[j] * expf(weight[j] - top) : 0.0f;
+                    weight[j] = weight[j] > NEG_BIG ? head_sizes[j] * expf(weight[j] - top) : 0.0f;
                     total += weight[j];
                 }
                 const float scale = total > 0.0f ? 1.0f / total : 0.0f;
