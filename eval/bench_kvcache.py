@@ -20,6 +20,11 @@ not: no needle run). The `long-bench` preset (random weights) is accepted too. L
 
     python -m eval.bench_kvcache                                  # default 16K 32K, default/4 32K 64K 128K
     python -m eval.bench_kvcache --plan default/4:32768 --steps 32
+    python -m eval.bench_kvcache --plan default/4:131072 --document-cache runs/kvcache   # reuse the prefill
+
+`--document-cache DIR` keeps each (model, context)'s clustered cache (kvcache.store, keyed like the service's)
+and its last logits, so a later run skips prefill and clustering and reports the times measured when they ran;
+an interrupted prefill resumes from the slices saved there.
 """
 
 from __future__ import annotations
@@ -27,14 +32,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import json
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from api.qa import ChatPrompt
 from eval.bench_decode import native_context, yarn_for
@@ -42,6 +52,7 @@ from kvcache import native
 from kvcache.calibration import DEFAULT_BUDGETS
 from kvcache.clustering import ClusterConfig
 from kvcache.squeezed import SqueezeStats, squeezed_attention
+from kvcache.store import CacheError, CacheKey, PrefillCheckpoints, load_cache, save_cache
 from rapid.attention import attend_cache, sdpa_only
 from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
@@ -53,6 +64,7 @@ from rapid.squeeze import (
     SqueezeConfig,
     SqueezedDocument,
     dense_cache,
+    rules_for,
     squeeze_document,
 )
 from retrieval.texts import insert_needle, shakespeare_text
@@ -272,6 +284,49 @@ def needle_accuracy(lm, runner: ModelRunner, num_tokens: int, depths: list[float
     return {mode: hits[mode] / len(depths) for mode in hits}
 
 
+def prepared_document(runner: ModelRunner, ids: list[int], config: SqueezeConfig, key: CacheKey,
+                      folder: Path | None) -> tuple[SqueezedDocument, torch.Tensor, dict]:
+    """The document squeezed (prefill, clustering, calibration) and its last logits [V], with the times measured
+    for each step; with `folder`, stored there under `key` and reused when a stored one matches (the logits and
+    times beside it, in a file of their own carrying the same key)."""
+    if folder is None:
+        document, logits, times = _squeezed(runner, ids, config, None)
+        return document, logits, times | {"document_cache": None}
+    name = hashlib.sha256(json.dumps(dataclasses.asdict(key), sort_keys=True).encode()).hexdigest()[:24]
+    path, extras = folder / f"{name}.safetensors", folder / f"{name}.logits.safetensors"
+    if path.is_file():
+        try:
+            clustered = load_cache(path, key)
+            with safe_open(extras, "pt") as stored:
+                if json.loads(stored.metadata()["key"]) != dataclasses.asdict(key):
+                    raise CacheError(f"{extras} belongs to another document")
+                logits, times = stored.get_tensor("logits"), json.loads(stored.metadata()["times"])
+        except (CacheError, SafetensorError, OSError, KeyError, ValueError) as err:
+            print(f"not reusing {path} ({err}): prefilling again", flush=True)
+        else:
+            document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(ids),
+                                        sink_tokens=config.sink_tokens, recent_tokens=config.cluster.recent_tokens)
+            return document, logits, times | {"document_cache": "reused"}
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoints = PrefillCheckpoints(folder / f"{name}.prefill", key)
+    document, logits, times = _squeezed(runner, ids, config, checkpoints)
+    metadata = {"key": json.dumps(dataclasses.asdict(key)), "times": json.dumps(times)}
+    save_file({"logits": logits.contiguous()}, extras, metadata)  # first: the cache file marks both complete
+    save_cache(path, document.clustered, key)
+    checkpoints.clear()
+    return document, logits, times | {"document_cache": "built"}
+
+
+def _squeezed(runner: ModelRunner, ids: list[int], config: SqueezeConfig,
+              checkpoints: PrefillCheckpoints | None) -> tuple[SqueezedDocument, torch.Tensor, dict]:
+    start = time.perf_counter()
+    document, logits = squeeze_document(runner, ids, config, show_progress=True, checkpoints=checkpoints)
+    clustering = document.cluster_seconds + document.calibrate_seconds
+    times = {"prefill_s": time.perf_counter() - start - clustering, "cluster_s": document.cluster_seconds,
+             "calibrate_s": document.calibrate_seconds, "prefill_resumed_tokens": document.resumed_tokens}
+    return document, logits, times
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", nargs="+", default=["default:16384", "default:32768", "default/4:32768",
@@ -302,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "and fp32 over the same cache), the ceiling for squeezed attention's agreement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--document-cache", default=None, metavar="DIR",
+                        help="store each prefilled, clustered document here and reuse it in later runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("settings:", json.dumps(vars(args)), flush=True)
@@ -321,19 +378,17 @@ def main(argv: list[str] | None = None) -> dict:
         target = layer_skip_view(lm.model, int(layers)) if layers else lm.model
         runner = ModelRunner(target, prefill_chunk=args.prefill_chunk)
         ids = lm.tokenizer(text_of(lm.tokenizer, context), add_special_tokens=False).input_ids[:context]
-        start = time.perf_counter()
-        document, logits = squeeze_document(runner, ids, config, show_progress=True)
-        total = time.perf_counter() - start
-        prefill = total - document.cluster_seconds - document.calibrate_seconds
+        rope = f"{scaling.kind} x{scaling.factor:g}" if scaling else None
+        built_as = f"{model} rope={rope} prefill_chunk={args.prefill_chunk}"  # both change the KV's bits
+        key = CacheKey.build(built_as, lm.revision, config.cluster, target.dtype, ids, config.budgets)
+        document, logits, times = prepared_document(runner, ids, config, key, args.document_cache and Path(args.document_cache))
         recorder = QueryRecorder()  # the first answer token's queries stand for a decode step's
         with torch.inference_mode():
             runner.prefill(runner.new_tail_cache(document, 2), [int(logits.argmax())], record_queries=recorder)
         middle = target.config.num_hidden_layers // 2
         decode_query = recorder.queries[middle][None].to(target.dtype)  # [1, H, 1, D]
-        rope = f"{scaling.kind} x{scaling.factor:g}" if scaling else None
-        common = {"model": model, "context": len(ids), "rope_scaling": rope,
-               "prefill_s": prefill, "cluster_s": document.cluster_seconds, "calibrate_s": document.calibrate_seconds,
-               "cluster_calibrate_over_prefill": (document.cluster_seconds + document.calibrate_seconds) / prefill,
+        common = {"model": model, "context": len(ids), "rope_scaling": rope} | times | {
+               "cluster_calibrate_over_prefill": (times["cluster_s"] + times["calibrate_s"]) / times["prefill_s"],
                "clusters_per_layer": document.clustered.layers[0].num_clusters, "recent_tokens": args.recent_tokens}
         prompt = ChatPrompt(lm.tokenizer)
         probes = [[]] + [prompt.question_ids(question) for question in PROBE_QUESTIONS[: args.questions]]

@@ -75,3 +75,17 @@ def test_bench_tree_times_every_node_count():
     assert [(row["attention"], row["nodes"]) for row in result["rows"]] == [
         ("model", 1), ("model", 4), ("sdpa", 1), ("sdpa", 4)]
     assert all(ms > 0 for ms in result["decode_ms"].values()) and all(row["ms"] > 0 for row in result["rows"])
+
+
+def test_bench_kvcache_reuses_a_stored_document(tmp_path):
+    argv = ["--plan", "tiny:600", "--steps", "4", "--questions", "0", "--needle-depths", "--no-floors",
+            "--dense-layers", "0", "--rest", "ignore", "--document-cache", str(tmp_path)]
+    first, second = bench_kvcache.main(argv)["rows"][0], bench_kvcache.main(argv)["rows"][0]
+    assert (first["document_cache"], second["document_cache"]) == ("built", "reused")
+    assert second["prefill_s"] == first["prefill_s"]  # the times measured when it was built
+    same = ("top1_agreement_strict", "max_logit_diff", "kv_read_fraction")
+    assert [second[k] for k in same] == [first[k] for k in same]
+    assert not list(tmp_path.glob("*.prefill/*"))  # the prefill slices are dropped once the cache is stored
+    stored = next(p for p in tmp_path.glob("*.safetensors") if not p.name.endswith(".logits.safetensors"))
+    stored.write_bytes(stored.read_bytes()[:-64])  # damaged: refused, rebuilt
+    assert bench_kvcache.main(argv)["rows"][0]["document_cache"] == "built"
