@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # = kvcache.calibration.DEFAULT_BUDGETS = rapid.squeeze.SqueezeConfig.budgets: thresholds stored at ingest
-CALIBRATED_BUDGETS = (0.05, 0.1, 0.2, 0.3)
+CALIBRATED_BUDGETS = (0.05, 0.1, 0.125, 0.2, 0.3)
 
 
 class Settings(BaseSettings):
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     squeeze_budget: float = Field(default=0.1, gt=0.0, le=1.0,
                                   description="fraction of the document's keys a query reads ('squeezed')")
     squeeze_rule: Literal["threshold", "top"] = Field(
-        default="threshold", description="'threshold' = calibrated thresholds (budget 0.05, 0.1 or 0.2), "
+        default="threshold", description="'threshold' = calibrated thresholds (budget 0.05, 0.1, 0.125, 0.2 or 0.3), "
         "'top' = the best clusters up to the budget")
     squeeze_dense_layers: int = Field(  # default = rapid.squeeze.DENSE_LAYERS
         default=2, ge=0, description="the first layers read every document key ('squeezed'): their attention "

@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
         rope = f"{scaling.kind} x{scaling.factor:g}" if scaling else None
         built_as = f"{model} rope={rope} prefill_chunk={args.prefill_chunk}"  # both change the KV's bits
         key = CacheKey.build(built_as, lm.revision, config.cluster, target.dtype, ids, config.budgets)
-        document, logits, times = prepared_document(runner, ids, config, key, args.document_cache and Path(args.document_cache))
+        folder = Path(args.document_cache) if args.document_cache else None
+        document, logits, times = prepared_document(runner, ids, config, key, folder)
         recorder = QueryRecorder()  # the first answer token's queries stand for a decode step's
         with torch.inference_mode():
             runner.prefill(runner.new_tail_cache(document, 2), [int(logits.argmax())], record_queries=recorder)

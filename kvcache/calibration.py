@@ -18,7 +18,7 @@ from torch import Tensor
 from kvcache.clustering import ClusteredLayer
 from kvcache.selection import SelectionRule, ThresholdRule, cluster_log_weights, select_clusters
 
-DEFAULT_BUDGETS = (0.05, 0.10, 0.20, 0.30)  # 0.3: the candidates of refined keys (SqueezeConfig.keep_fraction)
+DEFAULT_BUDGETS = (0.05, 0.10, 0.125, 0.20, 0.30)  # 0.125 with estimate_rest: the preset's 99%; 0.3: refined keys
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,11 @@ from eval import bench_kvcache, bench_spec
 
 
 def test_bench_kvcache_reports_one_row_per_setting():
-    # 0.125 is not among the stored budgets: the bench calibrates it as well
+    # 0.15 is not among the stored budgets: the bench calibrates it as well
     result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--questions", "1", "--needle-depths",
-                                 "--budgets", "0.1", "0.125", "--dense-layers", "1", "0", "--rest", "estimate"])
+                                 "--budgets", "0.1", "0.15", "--dense-layers", "1", "0", "--rest", "estimate"])
     rows = result["rows"]
-    assert [(r["budget"], r["dense_layers"]) for r in rows] == [(0.1, 1), (0.1, 0), (0.125, 1), (0.125, 0)]
+    assert [(r["budget"], r["dense_layers"]) for r in rows] == [(0.1, 1), (0.1, 0), (0.15, 1), (0.15, 0)]
     assert {r["rest"] for r in rows} == {"estimate"}
     for row in rows:
         assert row["context"] == 600 and 0 < row["kv_read_fraction"] <= 1 and 0 <= row["top1_agreement"] <= 1
