@@ -557,10 +557,7 @@ class LocalBackend:
         tail = config.capacity(len(request.query_ids))
         if self.config.document_cache.attention == "squeezed":
             squeeze = self.config.document_cache.squeeze
-            document = SqueezedDocument(kv.clustered, kv.rules, kv.prefix_len, sink_tokens=squeeze.sink_tokens,
-                                        recent_tokens=squeeze.cluster.recent_tokens,
-                                        dense_layers=squeeze.dense_layers, estimate_rest=squeeze.estimate_rest,
-                                        keep_fraction=squeeze.keep_fraction)
+            document = SqueezedDocument.for_config(kv.clustered, kv.prefix_len, squeeze, kv.rules)
             yield self.runner.new_tail_cache(document, tail), request.query_ids
             return
         if not kv.lock.acquire(blocking=False):

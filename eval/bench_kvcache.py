@@ -64,7 +64,6 @@ from rapid.squeeze import (
     SqueezeConfig,
     SqueezedDocument,
     dense_cache,
-    rules_for,
     squeeze_document,
 )
 from retrieval.texts import insert_needle, shakespeare_text
@@ -304,8 +303,7 @@ def prepared_document(runner: ModelRunner, ids: list[int], config: SqueezeConfig
         except (CacheError, SafetensorError, OSError, KeyError, ValueError) as err:
             print(f"not reusing {path} ({err}): prefilling again", flush=True)
         else:
-            document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(ids),
-                                        sink_tokens=config.sink_tokens, recent_tokens=config.cluster.recent_tokens)
+            document = SqueezedDocument.for_config(clustered, len(ids), config)
             return document, logits, times | {"document_cache": "reused"}
     folder.mkdir(parents=True, exist_ok=True)
     checkpoints = PrefillCheckpoints(folder / f"{name}.prefill", key)

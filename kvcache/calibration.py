@@ -47,7 +47,7 @@ def calibrate_thresholds(
         raise ValueError(f"budgets must be fractions in (0, 1], got {budgets}")
     scores = cluster_log_weights(_grouped(queries, layer), layer, scaling).amax(dim=1)  # [Hkv, W, C]
     num_kv_heads, num_queries, _ = scores.shape
-    weights = (layer.sizes.float() / (num_queries * layer.num_tokens))[:, None, :].expand_as(scores)
+    weights = (layer.float_sizes / (num_queries * layer.num_tokens))[:, None, :].expand_as(scores)
     thresholds = weighted_quantiles(scores.reshape(num_kv_heads, -1), weights.reshape(num_kv_heads, -1), budgets)
     return Thresholds(tuple(budgets), thresholds)
 

@@ -116,6 +116,16 @@ class SqueezedDocument:
         self.always_read = [pinned_clusters(layer, self.sink_tokens, self.recent_tokens)
                             for layer in self.clustered.layers]
 
+    @classmethod
+    def for_config(cls, clustered: ClusteredCache, num_tokens: int, config: SqueezeConfig,
+                   rules: list[SelectionRule] | None = None, **timings) -> SqueezedDocument:
+        """A clustered cache read as `config` says (rules: precomputed for config's budget and rule).
+        timings: cluster_seconds, calibrate_seconds, resumed_tokens."""
+        rules = rules_for(clustered, config.budget, config.rule) if rules is None else rules
+        return cls(clustered, rules, num_tokens, sink_tokens=config.sink_tokens,
+                   recent_tokens=config.cluster.recent_tokens, dense_layers=config.dense_layers,
+                   estimate_rest=config.estimate_rest, keep_fraction=config.keep_fraction, **timings)
+
     def attend(self, layer_idx: int, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                tail_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         if layer_idx < self.dense_layers:
@@ -210,12 +220,8 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
     thresholds = tuple(calibrate_thresholds(recorder.queries[i], layer, scaling, config.budgets)
                        for i, layer in enumerate(layers))
     clustered = ClusteredCache(tuple(layers), thresholds)
-    document = SqueezedDocument(clustered, rules_for(clustered, config.budget, config.rule), len(token_ids),
-                                cluster_seconds=cluster_seconds, calibrate_seconds=time.perf_counter() - start,
-                                sink_tokens=config.sink_tokens, recent_tokens=config.cluster.recent_tokens,
-                                dense_layers=config.dense_layers,
-                                estimate_rest=config.estimate_rest, keep_fraction=config.keep_fraction,
-                                resumed_tokens=done)
+    document = SqueezedDocument.for_config(clustered, len(token_ids), config, cluster_seconds=cluster_seconds,
+                                           calibrate_seconds=time.perf_counter() - start, resumed_tokens=done)
     return document, logits
 
 

@@ -331,7 +331,8 @@ int rest_estimate(const float *logits, const float *thresholds, const float *siz
         row_cutoffs(head_logits, head_sizes, thresholds[h], rows, num_clusters, cutoff);
         /* Pass 1, per query: the clusters it reads (or empty ones); then each of its rows' weights over the others. */
         for (int64_t n = 0; n < queries; n++) {
-            for (int64_t j = 0; j < num_clusters; j++) read[j] = head_sizes[j] == 0.0f || (head_pinned && head_pinned[j]);
+            for (int64_t j = 0; j < num_clusters; j++)
+                read[j] = head_sizes[j] == 0.0f || (head_pinned && head_pinned[j]);
             for (int64_t g = 0; g < group; g++) {
                 const float *row = head_logits + (g * queries + n) * num_clusters, cut = cutoff[g * queries + n];
 #pragma omp simd
