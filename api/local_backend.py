@@ -220,7 +220,7 @@ class LocalBackend:
         squeeze = SqueezeConfig(ClusterConfig(recent_tokens=settings.squeeze_recent_tokens),
                                 budget=settings.squeeze_budget, rule=settings.squeeze_rule,
                                 dense_layers=settings.squeeze_dense_layers,
-                                estimate_rest=settings.squeeze_estimate_rest,
+                                rest=settings.squeeze_rest,
                                 keep_fraction=settings.squeeze_keep_fraction)
         document_cache = DocumentCacheConfig(enabled=settings.document_cache, room=settings.document_cache_room,
                                              attention=settings.attention, squeeze=squeeze)

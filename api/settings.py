@@ -86,9 +86,10 @@ class Settings(BaseSettings):
     squeeze_dense_layers: int = Field(  # default = rapid.squeeze.DENSE_LAYERS
         default=2, ge=0, description="the first layers read every document key ('squeezed'): their attention "
         "is too broad to squeeze")
-    squeeze_estimate_rest: bool = Field(  # default = rapid.squeeze.ESTIMATE_REST
-        default=False, description="'squeezed': count the clusters a query does not read by their centroid and "
-        "mean value instead of ignoring them")
+    squeeze_rest: Literal["ignore", "estimate", "calibrated"] = Field(  # default = rapid.squeeze.REST
+        default="ignore", description="'squeezed': the clusters a query does not read are ignored, counted by "
+        "their centroid and mean value ('estimate'), or estimated in the layers where calibration found it "
+        "closer to dense attention ('calibrated', rule 'threshold')")
     squeeze_recent_tokens: int = Field(  # default = rapid.squeeze.RECENT_TOKENS
         default=1024, ge=0, description="'squeezed': the document's last positions form one cluster that every "
         "query reads (decode queries attend to them by position)")
@@ -101,6 +102,8 @@ class Settings(BaseSettings):
         if self.squeeze_rule == "threshold" and self.squeeze_budget not in CALIBRATED_BUDGETS:
             raise ValueError(f"squeeze_budget must be one of the calibrated {CALIBRATED_BUDGETS} with "
                              f"squeeze_rule 'threshold', got {self.squeeze_budget}")
+        if self.squeeze_rest == "calibrated" and self.squeeze_rule != "threshold":
+            raise ValueError("squeeze_rest 'calibrated' needs squeeze_rule 'threshold'")
         if self.squeeze_keep_fraction is not None and self.squeeze_keep_fraction > self.squeeze_budget:
             raise ValueError(f"squeeze_keep_fraction {self.squeeze_keep_fraction} exceeds squeeze_budget "
                              f"{self.squeeze_budget}: the kept keys are picked among the budget's clusters")

@@ -60,7 +60,9 @@ from rapid.runner import ModelRunner
 from rapid.squeeze import (
     DENSE_LAYERS,
     RECENT_TOKENS,
+    REST_CHOICES,
     QueryRecorder,
+    Rest,
     SqueezeConfig,
     SqueezedDocument,
     dense_cache,
@@ -81,12 +83,12 @@ class Setting(NamedTuple):
 
     budget: float
     dense_layers: int
-    estimate_rest: bool
+    rest: Rest
     keep_fraction: float | None  # None: whole clusters
 
     def view(self, document: SqueezedDocument, rule: str) -> SqueezedDocument:
-        return document.with_budget(self.budget, rule, dense_layers=self.dense_layers,
-                                    estimate_rest=self.estimate_rest, keep_fraction=self.keep_fraction)
+        return document.with_budget(self.budget, rule, dense_layers=self.dense_layers, rest=self.rest,
+                                    keep_fraction=self.keep_fraction)
 
 
 def keep_fraction_arg(value: str) -> float | None:
@@ -128,7 +130,7 @@ def attention_latency(document: SqueezedDocument, layer_idx: int, query: torch.T
         "dense": lambda: attend_cache(query, keys, values, None, scaling),
         "squeezed": lambda: squeezed_attention(query, layer, document.rules[layer_idx], empty, empty, None, scaling,
                                                always_read=document.always_read[layer_idx],
-                                               estimate_rest=document.estimate_rest,
+                                               estimate_rest=document.estimate_rest[layer_idx],
                                                keep_fraction=document.keep_fraction),
     }
     if path == "native":
@@ -339,9 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
-    parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=["ignore", "estimate"],
-                        help="one row per value: the clusters a query does not read weigh nothing, or are "
-                             "estimated by centroid and mean value")
+    parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=REST_CHOICES,
+                        help="one row per value: the clusters a query does not read weigh nothing, are "
+                             "estimated by centroid and mean value, or either as calibrated per layer")
     parser.add_argument("--keep-fractions", type=keep_fraction_arg, nargs="+", default=[None],
                         help="one row per value: 'none' reads whole clusters; a fraction of the keys treats the "
                              "budget's clusters as candidates and keeps each query's best keys among them "
@@ -362,7 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("settings:", json.dumps(vars(args)), flush=True)
     budgets = tuple(sorted(set(DEFAULT_BUDGETS) | set(args.budgets))) if args.rule == "threshold" else DEFAULT_BUDGETS
     config = SqueezeConfig(ClusterConfig(recent_tokens=args.recent_tokens), budgets=budgets)
-    settings = [Setting(budget, dense, rest == "estimate", keep) for budget in args.budgets
+    if "calibrated" in args.rest and args.rule != "threshold":
+        parser.error("--rest calibrated needs --rule threshold")
+    settings = [Setting(budget, dense, rest, keep) for budget in args.budgets
                 for dense in args.dense_layers for rest in args.rest for keep in args.keep_fractions
                 if keep is None or keep <= budget]
     if not settings:
@@ -401,9 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)
         for setting in settings:
             row = common | {"rule": args.rule, "budget": setting.budget, "dense_layers": setting.dense_layers,
-                            "rest": "estimate" if setting.estimate_rest else "ignore",
-                            "keep_fraction": setting.keep_fraction}
+                            "rest": setting.rest, "keep_fraction": setting.keep_fraction}
             view = setting.view(document, args.rule)
+            row["rest_estimated_layers"] = sum(view.estimate_rest[setting.dense_layers:])
             with torch.inference_mode():
                 row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 40).items()}
             row |= decode_comparison(runner, view, logits, args.steps, probes)

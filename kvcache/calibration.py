@@ -5,28 +5,36 @@ The last W document positions' queries stand in for future queries (DESIGN 4.5).
 group scores log S_j over (query, cluster) pairs, each weighing N_j / (W * T), so that reading
 the clusters at or above it covers about b of the keys on the calibration queries.
 
+The same queries also decide, per layer and budget, whether counting the unread clusters by centroid and
+mean value (squeezed attention's estimate_rest) brings the layer's attention output closer to dense attention
+than leaving them out: `calibrate_rest`.
+
 Shapes: H query heads, Hkv kv heads, G = H / Hkv, W calibration queries, C clusters, D head dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from kvcache.clustering import ClusteredLayer
 from kvcache.selection import SelectionRule, ThresholdRule, cluster_log_weights, select_clusters
+from kvcache.squeezed import full_document_attention, squeezed_attention
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.125, 0.20, 0.30)  # 0.125 with estimate_rest: the preset's 99%; 0.3: refined keys
+QUERY_CHUNK = 64  # calibrate_rest's queries per squeezed call: their rows stay within the native kernel's
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """One layer's calibrated thresholds: log_thresholds[h, i] is kv head h's for budgets[i]."""
+    """One layer's calibrated thresholds: log_thresholds[h, i] is kv head h's for budgets[i]; rest_estimated[i]
+    whether estimating the unread clusters helped this layer at budgets[i] (None: not calibrated)."""
 
     budgets: tuple[float, ...]
     log_thresholds: Tensor  # [Hkv, len(budgets)] fp32
+    rest_estimated: Tensor | None = None  # [len(budgets)] bool
 
     def rule(self, budget: float, expand_fraction: float | None = None) -> ThresholdRule:
         """The threshold rule of one named budget (must be one of `budgets`)."""
@@ -34,6 +42,14 @@ class Thresholds:
             raise KeyError(f"budget {budget} was not calibrated; have {self.budgets}")
         column = self.budgets.index(budget)
         return ThresholdRule(self.log_thresholds[:, column].contiguous(), expand_fraction)
+
+    def estimates_rest(self, budget: float) -> bool:
+        """Whether calibration found the unread-cluster estimate closer to dense at `budget` (see calibrate_rest)."""
+        if self.rest_estimated is None:
+            raise KeyError("the rest estimate was not calibrated for these thresholds")
+        if budget not in self.budgets:
+            raise KeyError(f"budget {budget} was not calibrated; have {self.budgets}")
+        return bool(self.rest_estimated[self.budgets.index(budget)])
 
 
 def calibrate_thresholds(
@@ -50,6 +66,37 @@ def calibrate_thresholds(
     weights = (layer.float_sizes / (num_queries * layer.num_tokens))[:, None, :].expand_as(scores)
     thresholds = weighted_quantiles(scores.reshape(num_kv_heads, -1), weights.reshape(num_kv_heads, -1), budgets)
     return Thresholds(tuple(budgets), thresholds)
+
+
+def calibrate_rest(
+    queries: Tensor,  # [H, W, D] after RoPE
+    layer: ClusteredLayer,
+    thresholds: Thresholds,
+    scaling: float,
+    always_read: Tensor | None = None,  # [Hkv, C] bool, as squeezed attention will be given it
+) -> Thresholds:
+    """`thresholds` with rest_estimated set: per budget, whether estimating the unread clusters gives the calibration
+    queries a smaller attention error against dense attention over the whole document than ignoring them.
+
+    The error is the mean over query rows of |o - o_dense|^2 / |o_dense|^2, with o each row's attention output
+    (fp32). A tie (every cluster read) keeps the cheaper choice, ignoring. The stand-in queries are scored as
+    decode steps after the document, as calibrate_thresholds scores them.
+    """
+    num_kv_heads, _, head_dim = layer.keys.shape
+    query = queries[None].to(layer.keys.dtype)  # [1, H, W, D]
+    empty = layer.keys.new_empty(1, num_kv_heads, 0, head_dim)
+    dense = full_document_attention(query, layer, empty, empty, None, scaling).float()
+    scale = dense.square().sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # [1, H, W]
+
+    def error(rule: ThresholdRule, estimate_rest: bool) -> float:
+        out = torch.cat([squeezed_attention(chunk, layer, rule, empty, empty, None, scaling, always_read=always_read,
+                                            estimate_rest=estimate_rest) for chunk in query.split(QUERY_CHUNK, dim=2)],
+                        dim=2).float()
+        return float(((out - dense).square().sum(dim=-1) / scale).mean())
+
+    rules = [thresholds.rule(budget) for budget in thresholds.budgets]
+    helped = [error(rule, True) < error(rule, False) for rule in rules]
+    return replace(thresholds, rest_estimated=torch.tensor(helped))
 
 
 def weighted_quantiles(scores: Tensor, weights: Tensor, budgets: tuple[float, ...]) -> Tensor:

@@ -8,7 +8,7 @@ truncated file (checked by a CRC-32 of every tensor) raises CacheCorruptError. W
 a temporary file in the same folder, fsynced, then os.replace.
 
 Tensor names: layers.{i}.{keys,values,centroids,value_means,key_variances,sizes,offsets,permutation},
-layers.{i}.coarse.{centroids,sizes,offsets}, layers.{i}.log_thresholds.
+layers.{i}.coarse.{centroids,sizes,offsets}, layers.{i}.log_thresholds, layers.{i}.rest_estimated.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from kvcache.clustering import ClusterConfig, ClusteredLayer, CoarseLevel
 from kvcache.selection import VARIANCE_WEIGHT
 
 # 2: keys of bf16/fp16 models rotated with fp32 RoPE frequencies (1 rounded them); 3: per-cluster value means
-FORMAT_VERSION = 4  # 4: key_variances
+# 4: key_variances
+FORMAT_VERSION = 5  # 5: calibrated choice of the rest estimate
 
 _LAYER_FIELDS = ("keys", "values", "centroids", "value_means", "key_variances", "sizes", "offsets", "permutation")
 _COARSE_FIELDS = ("centroids", "sizes", "offsets")
@@ -171,7 +172,10 @@ def _flatten(cache: ClusteredCache) -> dict[str, Tensor]:
             for field in _COARSE_FIELDS:
                 tensors[prefix + "coarse." + field] = getattr(layer.coarse, field).contiguous()
         if cache.thresholds is not None:
-            tensors[prefix + "log_thresholds"] = cache.thresholds[index].log_thresholds.contiguous()
+            thresholds = cache.thresholds[index]
+            tensors[prefix + "log_thresholds"] = thresholds.log_thresholds.contiguous()
+            if thresholds.rest_estimated is not None:
+                tensors[prefix + "rest_estimated"] = thresholds.rest_estimated.contiguous()
     return tensors
 
 
@@ -186,7 +190,9 @@ def _unflatten(tensors: dict[str, Tensor], num_layers: int, budgets: list[float]
     thresholds = None
     if budgets is not None:
         thresholds = tuple(
-            Thresholds(tuple(budgets), tensors[f"layers.{index}.log_thresholds"]) for index in range(num_layers)
+            Thresholds(tuple(budgets), tensors[f"layers.{index}.log_thresholds"],
+                       tensors.get(f"layers.{index}.rest_estimated"))
+            for index in range(num_layers)
         )
     return ClusteredCache(tuple(layers), thresholds)
 

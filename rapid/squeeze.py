@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from kvcache.calibration import DEFAULT_BUDGETS, calibrate_thresholds
+from kvcache.calibration import DEFAULT_BUDGETS, calibrate_rest, calibrate_thresholds
 from kvcache.clustering import ClusterConfig, ClusteredLayer, cluster_layer
 from kvcache.selection import SelectionRule, TopBudgetRule
 from kvcache.squeezed import SqueezeStats, full_document_attention, squeezed_attention
@@ -28,17 +28,13 @@ SINK_TOKENS = 32  # the first tokens (template head) draw large attention from e
 # attention mass in layers 0-2 and 87-99% (mostly ~97%) in layers 3-29. Those two read every key, as in Quest.
 DENSE_LAYERS = 2
 # Unread clusters can still count, each as its keys at the centroid's logit holding the cluster's mean value
-# (kvcache.squeezed_attention's estimate_rest). Measured on `default/4`: at 32K (`eval.bench_kvcache --plan
-# default/4:32768 --budgets 0.1 0.2 --dense-layers 2 0`) top-1 agreement over 256 steps rose from 96.9 / 91.4%
-# to 97.3 / 96.1% at 10% of the keys with 2 / 0 dense layers; at 128K only from 97.7 / 93.4% to 98.0 / 94.5%,
-# while one layer's attention fell from about 4.0x to 3.2-3.3x of dense. With the default 2 dense layers that
-# is little gain for its cost, so it is off; it pays where every layer is squeezed. Session 9, over a document-end
-# and question probes: on `default/4` at 128K, every layer squeezed, 96.9 -> 98.7%; but on the full model at 32K
-# (`--plan default:32768 --questions 1 --dense-layers 2 0`) it fell 98.2 -> 97.7% (2 dense layers) and 98.6 -> 96.5%
-# (none), so it stays off. Session 10, with the estimate in C (attention 4.42x against 5.41x ignored at 10%, 128K):
-# `default/4` at 128K 96.9 -> 98.7% (10%) and 97.75 -> 99.1% (12.5%); the full model at 32K, 2 dense layers,
-# 98.2 -> 97.1% (10%) and 98.6 -> 98.05% (12.5%).
-ESTIMATE_REST = False
+# (kvcache.squeezed_attention's estimate_rest). It pays where every layer is squeezed and costs where few are:
+# sessions 9-11 (README), at 10-12.5% of the keys, `default/4` at 128K with every layer squeezed rose about
+# 97 -> 99% top-1 agreement, while the full model at 32K with 2 dense layers fell by 0.5-3.5 points, and the
+# estimate slows one layer's attention by 10-20%. "calibrated" estimates only in the layers where it brought the
+# calibration queries' attention output closer to dense (kvcache.calibrate_rest), per budget.
+Rest = Literal["ignore", "estimate", "calibrated"]
+REST: Rest = "ignore"
 # Decode queries attend to the document's last positions by position more than by direction, and k-means spreads
 # those keys over clusters that are read or skipped by direction. So the last R positions are one cluster of their
 # own (ClusterConfig.recent_tokens), always read like the sinks, inside the budget. On `default/4` at 128K
@@ -66,12 +62,16 @@ class SqueezeConfig:
     calibration_window: int = 256  # the last W document positions serve as stand-in queries
     sink_tokens: int = SINK_TOKENS  # clusters holding the first positions are always read
     dense_layers: int = DENSE_LAYERS  # the first layers attend to every document key (see DENSE_LAYERS)
-    estimate_rest: bool = ESTIMATE_REST  # count the unread clusters by centroid and mean value (see ESTIMATE_REST)
+    rest: Rest = REST  # the unread clusters: ignored, estimated by centroid and mean value, or as calibrated (REST)
     keep_fraction: float | None = KEEP_FRACTION  # refine the budget's clusters to single keys (see KEEP_FRACTION)
 
     def __post_init__(self) -> None:
         if self.rule == "threshold" and self.budget not in self.budgets:
             raise ValueError(f"budget {self.budget} must be one of the calibrated budgets {self.budgets}")
+        if self.rest not in REST_CHOICES:
+            raise ValueError(f"rest must be one of {REST_CHOICES}, got {self.rest!r}")
+        if self.rest == "calibrated" and self.rule != "threshold":
+            raise ValueError("rest 'calibrated' needs rule 'threshold': the choice is calibrated per budget")
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.calibration_window < 1:
@@ -84,6 +84,9 @@ class SqueezeConfig:
 def _check_keep_fraction(keep_fraction: float | None, budget: float) -> None:
     if keep_fraction is not None and not 0 < keep_fraction <= budget:
         raise ValueError(f"keep_fraction must be in (0, budget={budget}], got {keep_fraction}")
+
+
+REST_CHOICES: tuple[Rest, ...] = ("ignore", "estimate", "calibrated")
 
 
 class QueryRecorder:
@@ -108,10 +111,11 @@ class SqueezedDocument:
     sink_tokens: int = SINK_TOKENS
     recent_tokens: int = 0  # the clustering's recent window (ClusterConfig.recent_tokens), read whole
     dense_layers: int = DENSE_LAYERS
-    estimate_rest: bool = ESTIMATE_REST
+    estimate_rest: tuple[bool, ...] = ()  # per layer: count the unread clusters (see rests_for); () = no layer
     keep_fraction: float | None = KEEP_FRACTION
 
     def __post_init__(self) -> None:
+        self.estimate_rest = self.estimate_rest or (False,) * len(self.clustered.layers)
         # per layer [Hkv, C]: the clusters holding one of the first `sink_tokens` or last `recent_tokens` positions
         self.always_read = [pinned_clusters(layer, self.sink_tokens, self.recent_tokens)
                             for layer in self.clustered.layers]
@@ -124,7 +128,8 @@ class SqueezedDocument:
         rules = rules_for(clustered, config.budget, config.rule) if rules is None else rules
         return cls(clustered, rules, num_tokens, sink_tokens=config.sink_tokens,
                    recent_tokens=config.cluster.recent_tokens, dense_layers=config.dense_layers,
-                   estimate_rest=config.estimate_rest, keep_fraction=config.keep_fraction, **timings)
+                   estimate_rest=rests_for(clustered, config.budget, config.rest),
+                   keep_fraction=config.keep_fraction, **timings)
 
     def attend(self, layer_idx: int, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,
                tail_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -133,20 +138,22 @@ class SqueezedDocument:
                                            scaling, self.stats)
         return squeezed_attention(query, self.clustered.layers[layer_idx], self.rules[layer_idx], tail_keys,
                                   tail_values, tail_mask, scaling, self.stats, self.always_read[layer_idx],
-                                  self.estimate_rest, self.keep_fraction)
+                                  self.estimate_rest[layer_idx], self.keep_fraction)
 
     def with_budget(self, budget: float, rule: Literal["threshold", "top"] = "threshold",
-                    dense_layers: int | None = None, estimate_rest: bool | None = None,
+                    dense_layers: int | None = None, rest: Rest = REST,
                     keep_fraction: float | None = None) -> SqueezedDocument:
         """The same clusters read under another budget (a calibrated one for "threshold"), and optionally
         another count of dense first layers, another choice about the unread clusters, or single keys refined
         out of the budget's clusters (keep_fraction; None reads them whole)."""
         dense_layers = self.dense_layers if dense_layers is None else dense_layers
-        estimate_rest = self.estimate_rest if estimate_rest is None else estimate_rest
         _check_keep_fraction(keep_fraction, budget)
+        if rest == "calibrated" and rule != "threshold":
+            raise ValueError("rest 'calibrated' needs rule 'threshold': the choice is calibrated per budget")
         return SqueezedDocument(self.clustered, rules_for(self.clustered, budget, rule), self.num_tokens,
                                 sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens,
-                                dense_layers=dense_layers, estimate_rest=estimate_rest, keep_fraction=keep_fraction)
+                                dense_layers=dense_layers, estimate_rest=rests_for(self.clustered, budget, rest),
+                                keep_fraction=keep_fraction)
 
 
 def pinned_clusters(layer: ClusteredLayer, sink_tokens: int, recent_tokens: int = 0) -> torch.Tensor:
@@ -164,6 +171,15 @@ def pinned_clusters(layer: ClusteredLayer, sink_tokens: int, recent_tokens: int 
         rows = torch.nonzero((positions < sink_tokens) | (positions >= first_recent)).squeeze(1)
         out[head, torch.searchsorted(layer.offsets[head, 1:].contiguous(), rows, right=True)] = True
     return out
+
+
+def rests_for(clustered: ClusteredCache, budget: float, rest: Rest) -> tuple[bool, ...]:
+    """Per layer, whether squeezed attention estimates the unread clusters under `rest` at `budget`."""
+    if rest != "calibrated":
+        return (rest == "estimate",) * len(clustered.layers)
+    if clustered.thresholds is None or any(t.rest_estimated is None for t in clustered.thresholds):
+        raise ValueError("rest 'calibrated' needs a cache whose rest estimate was calibrated (squeeze_document)")
+    return tuple(thresholds.estimates_rest(budget) for thresholds in clustered.thresholds)
 
 
 def rules_for(clustered: ClusteredCache, budget: float, rule: str) -> list[SelectionRule]:
@@ -217,8 +233,11 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
         layers.append(cluster_layer(keys, values, config.cluster))
     cluster_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    thresholds = tuple(calibrate_thresholds(recorder.queries[i], layer, scaling, config.budgets)
-                       for i, layer in enumerate(layers))
+    thresholds = tuple(
+        calibrate_rest(recorder.queries[i], layer, calibrate_thresholds(recorder.queries[i], layer, scaling,
+                                                                        config.budgets),
+                       scaling, pinned_clusters(layer, config.sink_tokens, config.cluster.recent_tokens))
+        for i, layer in enumerate(layers))
     clustered = ClusteredCache(tuple(layers), thresholds)
     document = SqueezedDocument.for_config(clustered, len(token_ids), config, cluster_seconds=cluster_seconds,
                                            calibrate_seconds=time.perf_counter() - start, resumed_tokens=done)

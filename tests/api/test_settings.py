@@ -39,6 +39,10 @@ def test_invalid_settings_are_refused(tmp_path):
     assert Settings(squeeze_budget=0.25, squeeze_rule="top").squeeze_budget == 0.25
     with pytest.raises(ValidationError, match="exceeds squeeze_budget"):
         Settings(squeeze_keep_fraction=0.2)
+    with pytest.raises(ValidationError, match="needs squeeze_rule 'threshold'"):
+        Settings(squeeze_rule="top", squeeze_rest="calibrated")
+    with pytest.raises(ValidationError):
+        Settings(squeeze_rest="guess")
     with pytest.raises(ValidationError):
         Settings(drafter="small")
     with pytest.raises(ValidationError):
@@ -50,9 +54,9 @@ def test_invalid_settings_are_refused(tmp_path):
 
 def test_squeeze_defaults_follow_rapid_squeeze():
     from api.settings import CALIBRATED_BUDGETS
-    from rapid.squeeze import DENSE_LAYERS, ESTIMATE_REST, KEEP_FRACTION, RECENT_TOKENS, SqueezeConfig
+    from rapid.squeeze import DENSE_LAYERS, KEEP_FRACTION, RECENT_TOKENS, REST, SqueezeConfig
 
     settings = Settings()
-    assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_estimate_rest == ESTIMATE_REST
+    assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_rest == REST
     assert settings.squeeze_recent_tokens == RECENT_TOKENS and settings.squeeze_keep_fraction == KEEP_FRACTION
     assert CALIBRATED_BUDGETS == SqueezeConfig().budgets

@@ -42,13 +42,16 @@ def test_agreement_counts_a_dense_tie_either_way():
 
 def test_bench_kvcache_refined_rows_skip_keep_fractions_above_the_budget():
     result = bench_kvcache.main(["--plan", "tiny:600", "--steps", "4", "--needle-depths", "--budgets", "0.05", "0.2",
-                                 "--dense-layers", "0", "--rest", "ignore", "estimate", "--recent-tokens", "0",
-                                 "--keep-fractions", "none", "0.1"])
+                                 "--dense-layers", "0", "--rest", "ignore", "estimate", "calibrated",
+                                 "--recent-tokens", "0", "--keep-fractions", "none", "0.1"])
     settings = [(r["budget"], r["rest"], r["keep_fraction"]) for r in result["rows"]]
-    assert settings == [(0.05, "ignore", None), (0.05, "estimate", None), (0.2, "ignore", None),
-                        (0.2, "ignore", 0.1), (0.2, "estimate", None), (0.2, "estimate", 0.1)]
-    refined = result["rows"][3]
-    assert refined["kv_read_fraction"] < result["rows"][2]["kv_read_fraction"]  # V of the kept keys only
+    assert settings == [(0.05, "ignore", None), (0.05, "estimate", None), (0.05, "calibrated", None),
+                        (0.2, "ignore", None), (0.2, "ignore", 0.1), (0.2, "estimate", None), (0.2, "estimate", 0.1),
+                        (0.2, "calibrated", None), (0.2, "calibrated", 0.1)]
+    refined = result["rows"][4]
+    assert refined["kv_read_fraction"] < result["rows"][3]["kv_read_fraction"]  # V of the kept keys only
+    estimated = {r["rest"]: r["rest_estimated_layers"] for r in result["rows"] if r["budget"] == 0.2}
+    assert estimated["ignore"] == 0 and estimated["estimate"] == 3 and 0 <= estimated["calibrated"] <= 3
 
 
 def test_bench_spec_checks_every_method_against_ar():

@@ -6,7 +6,7 @@ import torch
 from kv_synthetic import NUM_HEADS, SCALING, planted_keys
 
 from kvcache import store
-from kvcache.calibration import calibrate_thresholds
+from kvcache.calibration import calibrate_rest, calibrate_thresholds
 from kvcache.clustering import ClusterConfig, cluster_layer
 from kvcache.store import CacheCorruptError, CacheKey, CacheMismatchError, ClusteredCache, load_cache, save_cache
 
@@ -23,6 +23,8 @@ def build_cache(with_thresholds: bool = True) -> ClusteredCache:
     if with_thresholds:
         stand_in = torch.randn(NUM_HEADS, 16, 64)
         thresholds = tuple(calibrate_thresholds(stand_in, layer, SCALING) for layer in layers)
+        # the rest choice is stored where it was calibrated (layer 0 here) and absent elsewhere
+        thresholds = (calibrate_rest(stand_in, layers[0], thresholds[0], SCALING), thresholds[1])
     return ClusteredCache(tuple(layers), thresholds)
 
 
@@ -42,6 +44,10 @@ def assert_same(loaded: ClusteredCache, cache: ClusteredCache) -> None:
     else:
         for got, want in zip(loaded.thresholds, cache.thresholds, strict=True):
             assert got.budgets == want.budgets and torch.equal(got.log_thresholds, want.log_thresholds)
+            if want.rest_estimated is None:
+                assert got.rest_estimated is None
+            else:
+                assert torch.equal(got.rest_estimated, want.rest_estimated)
 
 
 @pytest.mark.parametrize("with_thresholds", [True, False])

@@ -60,6 +60,29 @@ def test_keep_fraction_is_validated():
     assert SqueezeConfig(budget=0.2, keep_fraction=0.1).keep_fraction == 0.1
 
 
+def test_calibrated_rest_follows_each_layers_calibration(tiny_runner, document):
+    config = SqueezeConfig(CLUSTERS, budget=0.1, calibration_window=32, dense_layers=0, rest="calibrated")
+    squeezed, _ = squeeze_document(tiny_runner, document, config)
+    chosen = tuple(thresholds.estimates_rest(0.1) for thresholds in squeezed.clustered.thresholds)
+    assert squeezed.estimate_rest == chosen and len(chosen) == len(squeezed.clustered.layers)
+    for budget in config.budgets:
+        assert squeezed.with_budget(budget, rest="estimate").estimate_rest == (True,) * len(chosen)
+        assert squeezed.with_budget(budget).estimate_rest == (False,) * len(chosen)  # the default, REST
+        calibrated = squeezed.with_budget(budget, rest="calibrated").estimate_rest
+        assert calibrated == tuple(bool(t.rest_estimated[config.budgets.index(budget)])
+                                   for t in squeezed.clustered.thresholds)
+    tiny_runner.decode(tiny_runner.new_tail_cache(squeezed, 8), 5)  # runs with a mix of layers
+    with pytest.raises(ValueError, match="calibrated"):
+        squeezed.with_budget(0.1, "top", rest="calibrated")
+
+
+def test_rest_is_validated():
+    with pytest.raises(ValueError, match="rest must be one of"):
+        SqueezeConfig(rest="guess")
+    with pytest.raises(ValueError, match="needs rule 'threshold'"):
+        SqueezeConfig(budget=0.15, rule="top", rest="calibrated")
+
+
 def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, document):
     """Every layer dense: any budget gives dense attention; one dense layer of three reads >1/3 of the keys."""
     question = [40, 41, 42]
