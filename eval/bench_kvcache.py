@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from api.qa import ChatPrompt
 from eval.bench_decode import native_context, yarn_for
@@ -206,7 +207,7 @@ def teacher_forced(dense: Step, others: dict[str, Step], probe: list[int], first
         logits = dense(probe)
         for run in others.values():
             run(probe)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"{len(others) + 1} runs", unit="step", leave=False):
         token = [int(logits.argmax())]
         start = time.perf_counter()
         logits = dense(token)
@@ -219,24 +220,32 @@ def teacher_forced(dense: Step, others: dict[str, Step], probe: list[int], first
 
 
 @torch.inference_mode()
-def decode_comparison(runner: ModelRunner, document: SqueezedDocument, first_logits: torch.Tensor, steps: int,
-                      probes: list[list[int]]) -> dict:
-    """Dense vs squeezed decoding over `steps` teacher-forced steps after each probe (see teacher_forced)."""
-    document.stats = SqueezeStats()
-    times, per_probe = {"dense": [], "squeezed": []}, []
+def decode_comparison(runner: ModelRunner, views: dict[str, SqueezedDocument], first_logits: torch.Tensor,
+                      steps: int, probes: list[list[int]]) -> dict[str, dict]:
+    """Dense vs each squeezed view of one document over `steps` teacher-forced steps after each probe (see
+    teacher_forced): one dense run serves every view, and their steps interleave, so the ratios share the noise."""
+    for view in views.values():
+        view.stats = SqueezeStats()
+    document = next(iter(views.values()))
+    times = {"dense": []} | {name: [] for name in views}
+    per_probe: dict[str, list[Agreement]] = {name: [] for name in views}
     for probe in probes:
         room = len(probe) + steps + 1
         dense = stepper(runner, dense_cache(document.clustered, document.num_tokens + room))
-        squeezed = stepper(runner, runner.new_tail_cache(document, room))
-        agreement = {"squeezed": Agreement()}
-        teacher_forced(dense, {"squeezed": squeezed}, probe, first_logits, steps, agreement, times)
-        per_probe.append(agreement["squeezed"])
-    pooled = sum(per_probe, Agreement())
-    dense_step, squeezed_step = statistics.median(times["dense"]), statistics.median(times["squeezed"])
-    return {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
-            "step_speedup": dense_step / squeezed_step, "kv_read_fraction": document.stats.read_fraction,
-            "steps_compared": pooled.steps, "dense_ties": pooled.dense_ties} | pooled.report() | {
-            "top1_agreement_by_probe": [round(a.tied / a.steps, 4) for a in per_probe]}
+        others = {name: stepper(runner, runner.new_tail_cache(view, room)) for name, view in views.items()}
+        agreements = {name: Agreement() for name in views}
+        teacher_forced(dense, others, probe, first_logits, steps, agreements, times)
+        for name, agreement in agreements.items():
+            per_probe[name].append(agreement)
+    dense_step = statistics.median(times["dense"])
+    rows = {}
+    for name, view in views.items():
+        pooled, squeezed_step = sum(per_probe[name], Agreement()), statistics.median(times[name])
+        rows[name] = {"dense_step_ms": dense_step * 1e3, "squeezed_step_ms": squeezed_step * 1e3,
+                      "step_speedup": dense_step / squeezed_step, "kv_read_fraction": view.stats.read_fraction,
+                      "steps_compared": pooled.steps, "dense_ties": pooled.dense_ties} | pooled.report() | {
+                      "top1_agreement_by_probe": [round(a.tied / a.steps, 4) for a in per_probe[name]]}
+    return rows
 
 
 @torch.inference_mode()
@@ -403,17 +412,20 @@ def main(argv: list[str] | None = None) -> dict:
         needles = {}
         if source != "long-bench" and not layers and args.needle_depths:
             needles = needle_accuracy(lm, runner, context, args.needle_depths, config, settings, args.rule)
+        views, partial = {}, {}
         for setting in settings:
-            row = common | {"rule": args.rule, "budget": setting.budget, "dense_layers": setting.dense_layers,
-                            "rest": setting.rest, "keep_fraction": setting.keep_fraction}
-            view = setting.view(document, args.rule)
-            row["rest_estimated_layers"] = sum(view.estimate_rest[setting.dense_layers:])
+            views[setting] = view = setting.view(document, args.rule)
+            partial[setting] = {"rule": args.rule, "budget": setting.budget, "dense_layers": setting.dense_layers,
+                                "rest": setting.rest, "keep_fraction": setting.keep_fraction,
+                                "rest_estimated_layers": sum(view.estimate_rest[setting.dense_layers:])}
             with torch.inference_mode():
-                row |= {f"attention_{k}": v for k, v in attention_latency(view, middle, decode_query, 40).items()}
-            row |= decode_comparison(runner, view, logits, args.steps, probes)
+                latency = attention_latency(view, middle, decode_query, 40)
+            partial[setting] |= {f"attention_{k}": v for k, v in latency.items()}
+        compared = decode_comparison(runner, views, logits, args.steps, probes)
+        for setting in settings:
+            row = common | partial[setting] | compared[setting]
             if needles:
-                row |= {"needle_dense": needles["dense"],
-                        "needle_squeezed": needles[setting]}
+                row |= {"needle_dense": needles["dense"], "needle_squeezed": needles[setting]}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             print(json.dumps(rows[-1]), flush=True)
         del document
