@@ -14,6 +14,7 @@ Shapes: H query heads, Hkv kv heads, G = H / Hkv, W calibration queries, C clust
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +23,8 @@ from torch import Tensor
 from kvcache.clustering import ClusteredLayer
 from kvcache.selection import SelectionRule, ThresholdRule, cluster_log_weights, select_clusters
 from kvcache.squeezed import full_document_attention, squeezed_attention
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = (0.05, 0.10, 0.125, 0.20, 0.30)  # 0.125 with estimate_rest: the preset's 99%; 0.3: refined keys
 QUERY_CHUNK = 64  # calibrate_rest's queries per squeezed call: their rows stay within the native kernel's
@@ -94,9 +97,9 @@ def calibrate_rest(
                         dim=2).float()
         return float(((out - dense).square().sum(dim=-1) / scale).mean())
 
-    rules = [thresholds.rule(budget) for budget in thresholds.budgets]
-    helped = [error(rule, True) < error(rule, False) for rule in rules]
-    return replace(thresholds, rest_estimated=torch.tensor(helped))
+    errors = [(error(rule, False), error(rule, True)) for rule in map(thresholds.rule, thresholds.budgets)]
+    log.debug("rest errors (ignored, estimated) per budget %s: %s", thresholds.budgets, errors)
+    return replace(thresholds, rest_estimated=torch.tensor([estimated < ignored for ignored, estimated in errors]))
 
 
 def weighted_quantiles(scores: Tensor, weights: Tensor, budgets: tuple[float, ...]) -> Tensor:
