@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # = kvcache.calibration.DEFAULT_BUDGETS = rapid.squeeze.SqueezeConfig.budgets: thresholds stored at ingest
 CALIBRATED_BUDGETS = (0.05, 0.1, 0.125, 0.2, 0.3)
+SQUEEZE_BUDGET = 0.125  # = rapid.squeeze.BUDGET (this module stays free of torch)
 
 
 class Settings(BaseSettings):
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     attention: Literal["dense", "squeezed"] = Field(
         default="dense", description="how the target reads a cached document: all of it, or the KV "
         "clusters that matter (Squeezed Attention; approximate)")
-    squeeze_budget: float = Field(default=0.1, gt=0.0, le=1.0,
+    squeeze_budget: float = Field(default=SQUEEZE_BUDGET, gt=0.0, le=1.0,
                                   description="fraction of the document's keys a query reads ('squeezed')")
     squeeze_rule: Literal["threshold", "top"] = Field(
         default="threshold", description="'threshold' = calibrated thresholds (budget 0.05, 0.1, 0.125, 0.2 or 0.3), "
@@ -86,10 +87,10 @@ class Settings(BaseSettings):
     squeeze_dense_layers: int = Field(  # default = rapid.squeeze.DENSE_LAYERS
         default=2, ge=0, description="the first layers read every document key ('squeezed'): their attention "
         "is too broad to squeeze")
-    squeeze_rest: Literal["ignore", "estimate", "calibrated"] = Field(  # default = rapid.squeeze.REST
-        default="ignore", description="'squeezed': the clusters a query does not read are ignored, counted by "
-        "their centroid and mean value ('estimate'), or estimated in the layers where calibration found it "
-        "closer to dense attention ('calibrated', rule 'threshold')")
+    squeeze_rest: Literal["ignore", "estimate", "calibrated"] | None = Field(  # None = rapid.squeeze.default_rest
+        default=None, description="'squeezed': the clusters a query does not read are ignored, counted by their "
+        "centroid and mean value ('estimate'), or estimated in the layers where calibration found it closer to "
+        "dense attention ('calibrated', rule 'threshold'); unset: 'calibrated' with rule 'threshold', else 'ignore'")
     squeeze_recent_tokens: int = Field(  # default = rapid.squeeze.RECENT_TOKENS
         default=1024, ge=0, description="'squeezed': the document's last positions form one cluster that every "
         "query reads (decode queries attend to them by position)")

@@ -59,6 +59,7 @@ from rapid.drafters.model import layer_skip_view
 from rapid.models import ModelSpec, load_model
 from rapid.runner import ModelRunner
 from rapid.squeeze import (
+    BUDGET,
     DENSE_LAYERS,
     RECENT_TOKENS,
     REST_CHOICES,
@@ -344,13 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=256, help="teacher-forced steps per probe")
     parser.add_argument("--questions", type=int, default=len(PROBE_QUESTIONS), choices=range(len(PROBE_QUESTIONS) + 1),
                         help="probes beyond the document's end: each question's chat turn, then --steps steps")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.10],
+    parser.add_argument("--budgets", type=float, nargs="+", default=[BUDGET],
                         help="one row per value: a fraction of the keys (calibrated beside the stored budgets "
                              f"{', '.join(f'{b:g}' for b in DEFAULT_BUDGETS)} for --rule threshold)")
     parser.add_argument("--rule", default="threshold", choices=["threshold", "top"])
     parser.add_argument("--dense-layers", type=int, nargs="+", default=[DENSE_LAYERS, 0],
                         help="one row per value: the first L layers read every document key")
-    parser.add_argument("--rest", nargs="+", default=["ignore", "estimate"], choices=REST_CHOICES,
+    parser.add_argument("--rest", nargs="+", default=["ignore", "calibrated"], choices=REST_CHOICES,
                         help="one row per value: the clusters a query does not read weigh nothing, are "
                              "estimated by centroid and mean value, or either as calibrated per layer")
     parser.add_argument("--keep-fractions", type=keep_fraction_arg, nargs="+", default=[None],

@@ -42,6 +42,8 @@ def mode_list(text: str) -> tuple[str, ...]:
 
 
 def _common_options(parser: argparse.ArgumentParser, suite: str, modes: tuple[str, ...] | None) -> None:
+    from api.settings import CALIBRATED_BUDGETS, SQUEEZE_BUDGET  # no torch: --help stays quick
+
     parser.add_argument("--model", help="'default', a preset ('tiny'), a model dir or a .gguf")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -52,7 +54,7 @@ def _common_options(parser: argparse.ArgumentParser, suite: str, modes: tuple[st
     parser.add_argument("--rag-tokens", type=int, default=512, help="RAG context budget floor in tokens")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="retrieval chunk size in tokens")
     parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
-    parser.add_argument("--squeeze-budget", type=float, choices=[0.05, 0.1, 0.2, 0.3], default=0.1,
+    parser.add_argument("--squeeze-budget", type=float, choices=CALIBRATED_BUDGETS, default=SQUEEZE_BUDGET,
                         help="fraction of the document keys squeezed attention reads (calibrated thresholds)")
     parser.add_argument("--rope", choices=["auto", "none"], default="auto",
                         help="auto: YaRN-stretch the target for contexts past its window; none: cut them instead")

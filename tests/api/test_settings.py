@@ -30,7 +30,7 @@ def test_defaults_are_rapid_self_speculation_over_the_dense_document():
     assert (settings.drafter, settings.fuse_retrieval, settings.tree_budget, settings.layer_skip_layers) == (
         "self", True, 16, 8)
     assert (settings.eta, settings.attention, settings.squeeze_budget, settings.document_cache) == (
-        0.0, "dense", 0.1, True)
+        0.0, "dense", 0.125, True)
 
 
 def test_invalid_settings_are_refused(tmp_path):
@@ -53,10 +53,10 @@ def test_invalid_settings_are_refused(tmp_path):
 
 
 def test_squeeze_defaults_follow_rapid_squeeze():
-    from api.settings import CALIBRATED_BUDGETS
-    from rapid.squeeze import DENSE_LAYERS, KEEP_FRACTION, RECENT_TOKENS, REST, SqueezeConfig
+    from api.settings import CALIBRATED_BUDGETS, SQUEEZE_BUDGET
+    from rapid.squeeze import BUDGET, DENSE_LAYERS, KEEP_FRACTION, RECENT_TOKENS, SqueezeConfig
 
     settings = Settings()
-    assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_rest == REST
+    assert settings.squeeze_dense_layers == DENSE_LAYERS and settings.squeeze_rest is None
     assert settings.squeeze_recent_tokens == RECENT_TOKENS and settings.squeeze_keep_fraction == KEEP_FRACTION
-    assert CALIBRATED_BUDGETS == SqueezeConfig().budgets
+    assert CALIBRATED_BUDGETS == SqueezeConfig().budgets and SQUEEZE_BUDGET == BUDGET == settings.squeeze_budget

@@ -61,14 +61,16 @@ def test_keep_fraction_is_validated():
 
 
 def test_calibrated_rest_follows_each_layers_calibration(tiny_runner, document):
-    config = SqueezeConfig(CLUSTERS, budget=0.1, calibration_window=32, dense_layers=0, rest="calibrated")
+    config = SqueezeConfig(CLUSTERS, budget=0.1, calibration_window=32, dense_layers=0)
+    assert config.rest == "calibrated" and SqueezeConfig(rule="top").rest == "ignore"  # the rules' defaults
     squeezed, _ = squeeze_document(tiny_runner, document, config)
     chosen = tuple(thresholds.estimates_rest(0.1) for thresholds in squeezed.clustered.thresholds)
     assert squeezed.estimate_rest == chosen and len(chosen) == len(squeezed.clustered.layers)
     for budget in config.budgets:
         assert squeezed.with_budget(budget, rest="estimate").estimate_rest == (True,) * len(chosen)
-        assert squeezed.with_budget(budget).estimate_rest == (False,) * len(chosen)  # the default, REST
-        calibrated = squeezed.with_budget(budget, rest="calibrated").estimate_rest
+        assert squeezed.with_budget(budget, rest="ignore").estimate_rest == (False,) * len(chosen)
+        assert squeezed.with_budget(budget, "top", rest=None).estimate_rest == (False,) * len(chosen)  # top: ignore
+        calibrated = squeezed.with_budget(budget).estimate_rest  # the threshold rule's default
         assert calibrated == tuple(bool(t.rest_estimated[config.budgets.index(budget)])
                                    for t in squeezed.clustered.thresholds)
     tiny_runner.decode(tiny_runner.new_tail_cache(squeezed, 8), 5)  # runs with a mix of layers
