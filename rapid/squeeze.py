@@ -73,7 +73,7 @@ class SqueezeConfig:
     def __post_init__(self) -> None:
         if self.rule == "threshold" and self.budget not in self.budgets:
             raise ValueError(f"budget {self.budget} must be one of the calibrated budgets {self.budgets}")
-        object.__setattr__(self, "rest", _checked_rest(self.rest, self.rule))
+        _checked_rest(self.rest, self.rule)
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.calibration_window < 1:
@@ -81,6 +81,11 @@ class SqueezeConfig:
         if self.dense_layers < 0:
             raise ValueError(f"dense_layers must be >= 0, got {self.dense_layers}")
         _check_keep_fraction(self.keep_fraction, self.budget)
+
+    @property
+    def rest_mode(self) -> Rest:
+        """`rest`, or the rule's default where it is None."""
+        return _checked_rest(self.rest, self.rule)
 
 
 def _check_keep_fraction(keep_fraction: float | None, budget: float) -> None:
@@ -130,7 +135,7 @@ class SqueezedDocument:
         rules = rules_for(clustered, config.budget, config.rule) if rules is None else rules
         return cls(clustered, rules, num_tokens, sink_tokens=config.sink_tokens,
                    recent_tokens=config.cluster.recent_tokens, dense_layers=config.dense_layers,
-                   estimate_rest=rests_for(clustered, config.budget, config.rest),
+                   estimate_rest=rests_for(clustered, config.budget, config.rest_mode),
                    keep_fraction=config.keep_fraction, **timings)
 
     def attend(self, layer_idx: int, query: torch.Tensor, tail_keys: torch.Tensor, tail_values: torch.Tensor,

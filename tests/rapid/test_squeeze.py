@@ -1,5 +1,7 @@
 """Squeezed attention inside the model: every cluster selected equals dense attention."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,7 +64,8 @@ def test_keep_fraction_is_validated():
 
 def test_calibrated_rest_follows_each_layers_calibration(tiny_runner, document):
     config = SqueezeConfig(CLUSTERS, budget=0.1, calibration_window=32, dense_layers=0)
-    assert config.rest == "calibrated" and SqueezeConfig(rule="top").rest == "ignore"  # the rules' defaults
+    assert config.rest_mode == "calibrated" and SqueezeConfig(rule="top").rest_mode == "ignore"  # the rules' defaults
+    assert dataclasses.replace(config, budget=0.15, rule="top").rest_mode == "ignore"  # the default follows the rule
     squeezed, _ = squeeze_document(tiny_runner, document, config)
     chosen = tuple(thresholds.estimates_rest(0.1) for thresholds in squeezed.clustered.thresholds)
     assert squeezed.estimate_rest == chosen and len(chosen) == len(squeezed.clustered.layers)
@@ -102,8 +105,6 @@ def test_dense_layers_read_every_key_and_match_dense_attention(tiny_runner, docu
 
 
 def test_recent_window_is_always_read(tiny_runner, document):
-    import dataclasses
-
     config = SqueezeConfig(dataclasses.replace(CLUSTERS, recent_tokens=24), budget=0.05, rule="top",
                            calibration_window=32, sink_tokens=0, dense_layers=0)
     squeezed, _ = squeeze_document(tiny_runner, document, config)
