@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kvcache.clustering import ClusteredLayer
 from kvcache.selection import SelectionRule, ThresholdRule, cluster_log_weights, select_clusters
-from kvcache.squeezed import full_document_attention, squeezed_attention
+from kvcache.squeezed import full_document_attention, squeezed_with_and_without_rest
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ def calibrate_rest(
     dense = full_document_attention(query, layer, empty, empty, None, scaling).float()
     scale = dense.square().sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)  # [1, H, W]
 
-    def error(rule: ThresholdRule, estimate_rest: bool) -> float:
-        out = torch.cat([squeezed_attention(chunk, layer, rule, empty, empty, None, scaling, always_read=always_read,
-                                            estimate_rest=estimate_rest) for chunk in query.split(QUERY_CHUNK, dim=2)],
-                        dim=2).float()
-        return float(((out - dense).square().sum(dim=-1) / scale).mean())
+    def error_pair(rule: ThresholdRule) -> tuple[float, float]:  # (ignored, estimated)
+        outs = [squeezed_with_and_without_rest(chunk, layer, rule, empty, empty, None, scaling, always_read)
+                for chunk in query.split(QUERY_CHUNK, dim=2)]
+        return tuple(float(((torch.cat(mode, dim=2).float() - dense).square().sum(dim=-1) / scale).mean())
+                     for mode in zip(*outs, strict=True))
 
-    errors = [(error(rule, False), error(rule, True)) for rule in map(thresholds.rule, thresholds.budgets)]
+    errors = [error_pair(rule) for rule in map(thresholds.rule, thresholds.budgets)]
     log.debug("rest errors (ignored, estimated) per budget %s: %s", thresholds.budgets, errors)
     return replace(thresholds, rest_estimated=torch.tensor([estimated < ignored for ignored, estimated in errors]))
 

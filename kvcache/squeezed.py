@@ -93,6 +93,31 @@ def squeezed_attention(
     That is exact for clusters whose keys and values are all equal, and it keeps the attention mass of
     broad layers that no budget covers; without it the unread clusters weigh nothing.
     """
+    rest, parts, out = _squeezed_parts(query, doc, rule, tail_keys, tail_values, tail_mask, scaling, stats,
+                                       always_read, estimate_rest, keep_fraction)
+    if parts:
+        out = _merge(([rest] if rest is not None else []) + parts).reshape(query.shape).to(query.dtype)
+    return out
+
+
+def squeezed_with_and_without_rest(
+    query: Tensor, doc: ClusteredLayer, rule: SelectionRule, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float, always_read: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """squeezed_attention with the unread clusters ignored and with them estimated ([B, H, N, D] each, dtype of
+    query), from one selection and one read of the selected clusters: the estimate is one more softmax part."""
+    rest, parts, _ = _squeezed_parts(query, doc, rule, tail_keys, tail_values, tail_mask, scaling, None,
+                                     always_read, True, None)
+    return tuple(_merge(merged).reshape(query.shape).to(query.dtype) for merged in (parts, [rest] + parts))
+
+
+def _squeezed_parts(
+    query: Tensor, doc: ClusteredLayer, rule: SelectionRule, tail_keys: Tensor, tail_values: Tensor,
+    tail_mask: Tensor | None, scaling: float, stats: SqueezeStats | None, always_read: Tensor | None,
+    estimate_rest: bool, keep_fraction: float | None,
+) -> tuple[tuple[Tensor, Tensor] | None, list[tuple[Tensor, Tensor]], Tensor | None]:  # fmt: skip
+    """squeezed_attention's work before the merge: (the estimated rest's softmax part or None, the parts of the
+    read keys and the tail, or [] when the torch path attended in one call, returning `out` instead of parts)."""
     batch, num_heads, num_queries, head_dim = query.shape
     assert batch == 1, f"squeezed attention serves one document at a time, got batch {batch}"
     num_kv_heads = doc.keys.shape[0]
@@ -103,6 +128,7 @@ def squeezed_attention(
     keep = None if keep_fraction is None else max(1, round(keep_fraction * doc.num_tokens))
     values_read = None
     parts: list[tuple[Tensor, Tensor]] = []
+    rest, out = None, None
 
     if native_path and _flat_threshold(rule, doc):  # scoring, selection and the rest estimate in C as well
         logits = centroid_logits(q, doc, scaling).view(num_kv_heads, group * num_queries, -1)
@@ -114,7 +140,7 @@ def squeezed_attention(
             rest_out, rest_lse = native.rest_estimate(
                 logits, rule.log_thresholds, doc.float_sizes, always_read, doc.compact_value_means, num_queries
             )
-            parts.append((rest_out[None], rest_lse[None]))
+            rest = (rest_out[None], rest_lse[None])
     else:
         selected, logits = score_clusters(q, doc, rule, scaling)  # [Hkv, N, C], [Hkv, G, N, C]
         if always_read is not None:
@@ -124,7 +150,7 @@ def squeezed_attention(
             keys_read, keys_selected = int((union * doc.sizes).sum()), int((selected * doc.sizes[:, None, :]).sum())
         ranges = KeyRanges.of(doc, selected, union, group, always_read) if native_path else None
         if estimate_rest:
-            parts.append(_estimated_rest(logits, selected, doc))
+            rest = _estimated_rest(logits, selected, doc)
 
     if keep is not None:
         if ranges is not None:
@@ -141,12 +167,9 @@ def squeezed_attention(
         parts.append(_gathered_part(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling))
     else:
         out = _gathered_attention(query, doc, selected, union, tail_keys, tail_values, tail_mask, scaling)
-    if parts:
-        out = _merge(parts).reshape(query.shape).to(query.dtype)
-
     if stats is not None:
         stats.add(num_kv_heads * doc.num_tokens, num_queries, keys_read, keys_selected, values_read)
-    return out
+    return rest, parts, out
 
 
 def _flat_threshold(rule: SelectionRule, doc: ClusteredLayer) -> bool:

@@ -8,7 +8,13 @@ from kvcache import native
 from kvcache.calibration import calibrate_thresholds
 from kvcache.clustering import ClusterConfig, cluster_layer, layer_from_assignments, ranges_to_indices
 from kvcache.selection import ThresholdRule, TopBudgetRule, select_clusters
-from kvcache.squeezed import SqueezeStats, dense_attention, full_document_attention, squeezed_attention
+from kvcache.squeezed import (
+    SqueezeStats,
+    dense_attention,
+    full_document_attention,
+    squeezed_attention,
+    squeezed_with_and_without_rest,
+)
 
 NUM_DOC, NUM_PREFIX = 2000, 6
 EVERY_CLUSTER = (
@@ -292,6 +298,25 @@ def test_estimated_rest_cuts_the_error_of_a_small_budget(document):
     estimated = squeezed_attention(query, layer, rule, tail_keys, tail_values, None, SCALING, estimate_rest=True)
     plain_error, estimated_error = (plain - expected).norm(), (estimated - expected).norm()
     assert estimated_error < 0.5 * plain_error, (plain_error, estimated_error)
+
+
+@pytest.mark.parametrize("num_queries", [1, 5])
+def test_with_and_without_rest_are_squeezed_attentions_two_outputs(document, num_queries):
+    """One selection and one read serve both outputs: what two squeezed_attention calls return."""
+    _, _, _, layer = document
+    tail_keys, tail_values = tail(NUM_PREFIX, seed=48)
+    mask = random_tree_mask(num_queries, NUM_PREFIX - num_queries, seed=49)
+    query = queries(num_queries, seed=50, scale=0.5)
+    sinks = torch.zeros(layer.sizes.shape, dtype=torch.bool)
+    sinks[:, 0] = True
+    for rule in (TopBudgetRule(0.05), ThresholdRule(torch.zeros(NUM_KV_HEADS))):
+        ignored, estimated = squeezed_with_and_without_rest(query, layer, rule, tail_keys, tail_values, mask,
+                                                            SCALING, sinks)
+        for out, estimate_rest in ((ignored, False), (estimated, True)):
+            expected = squeezed_attention(query, layer, rule, tail_keys, tail_values, mask, SCALING,
+                                          always_read=sinks, estimate_rest=estimate_rest)
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        assert (ignored - estimated).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("rule", EVERY_CLUSTER[:2], ids=["top_budget", "threshold"])
