@@ -116,6 +116,8 @@ def weighted_quantiles(scores: Tensor, weights: Tensor, budgets: tuple[float, ..
     targets = torch.tensor(budgets, dtype=cumulative.dtype, device=scores.device)
     # Float sums may end a hair below 1, so clamp to the last position.
     position = torch.searchsorted(cumulative, targets.expand(scores.shape[0], -1).contiguous())
+    # A budget of 1 is every score, even where the float sum reaches 1 before the last one.
+    position = position.masked_fill(targets >= 1.0, scores.shape[1] - 1)
     return sorted_scores.gather(1, position.clamp(max=scores.shape[1] - 1))
 
 

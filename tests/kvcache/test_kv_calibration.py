@@ -29,6 +29,18 @@ def test_weighted_quantiles_docstring_example():
     assert weighted_quantiles(scores, weights, (0.4, 0.41, 1.0)).tolist() == [[-1.0, -2.0, -4.0]]
 
 
+def test_a_budget_of_one_is_every_score_despite_rounding():
+    scores = torch.tensor([[-1.0, -2.0, -3.0]])
+    weights = torch.tensor([[1.0, 1e-9, 1e-9]])  # the float cumulative sum is 1.0 from the first score on
+    assert weighted_quantiles(scores, weights, (1.0,)).tolist() == [[-3.0]]
+
+
+def test_budget_one_thresholds_read_every_cluster(calibrated):
+    layer, stand_in, _ = calibrated
+    thresholds = calibrate_thresholds(stand_in, layer, SCALING, (1.0,))
+    assert (selected_fraction(stand_in, layer, thresholds.rule(1.0), SCALING) == 1.0).all()
+
+
 def test_thresholds_hit_the_budget_on_the_calibration_queries(calibrated):
     layer, stand_in, thresholds = calibrated
     assert thresholds.log_thresholds.shape == (NUM_KV_HEADS, len(BUDGETS))
