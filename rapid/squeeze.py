@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -93,7 +93,7 @@ def _check_keep_fraction(keep_fraction: float | None, budget: float) -> None:
         raise ValueError(f"keep_fraction must be in (0, budget={budget}], got {keep_fraction}")
 
 
-REST_CHOICES: tuple[Rest, ...] = ("ignore", "estimate", "calibrated")
+REST_CHOICES: tuple[Rest, ...] = get_args(Rest)
 
 
 class QueryRecorder:
@@ -253,12 +253,13 @@ def squeeze_document(runner, token_ids: list[int], config: SqueezeConfig, show_p
         layers.append(cluster_layer(keys, values, config.cluster))
     cluster_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    thresholds = tuple(
-        calibrate_rest(recorder.queries[i], layer, calibrate_thresholds(recorder.queries[i], layer, scaling,
-                                                                        config.budgets),
-                       scaling, pinned_clusters(layer, config.sink_tokens, config.cluster.recent_tokens))
-        for i, layer in enumerate(layers))
-    clustered = ClusteredCache(tuple(layers), thresholds)
+    thresholds = []
+    for i, layer in enumerate(layers):
+        queries = recorder.queries[i]
+        calibrated = calibrate_thresholds(queries, layer, scaling, config.budgets)
+        pinned = pinned_clusters(layer, config.sink_tokens, config.cluster.recent_tokens)
+        thresholds.append(calibrate_rest(queries, layer, calibrated, scaling, pinned))
+    clustered = ClusteredCache(tuple(layers), tuple(thresholds))
     document = SqueezedDocument.for_config(clustered, len(token_ids), config, cluster_seconds=cluster_seconds,
                                            calibrate_seconds=time.perf_counter() - start, resumed_tokens=done)
     return document, logits
