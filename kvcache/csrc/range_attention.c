@@ -595,15 +595,18 @@ int refined_attention(const float *query, const void *keys, const void *values, 
     return 0;
 }
 
-/* Exact attention of a few query rows (decode steps, tree nodes) over a whole dense cache, rows as vector lanes.
+/* Exact attention of a few query rows (decode steps, tree nodes) over a whole dense cache.
  *
  * A row's result is a fixed function of the keys it sees, taken in cache order: a first pass stores every logit
  * and each row's max; a second takes exp(logit - max), adds it to the row's sum and weighs the values, both one
  * key after another. Keys a row does not see add exact zeros. So a row's bits depend neither on the other rows,
  * nor on where the keys it does not see sit, nor on block boundaries: a tree node gets exactly what the decode
  * step of its path gets, and in bf16 the speculative engine's output equals plain decoding.
- * Both passes put rows on the vector lanes (LANES at a time, 4 keys or 8 value dims per step), so a tree of
- * 16 nodes costs little more than one decode step's row.
+ * Pass 1 puts rows on the vector lanes, LANES at a time: with AMX one tile product scores 16 keys (a logit is a
+ * dot product over the dims, so it stays a function of its own query and key), else 4 keys a step with
+ * AVX512-BF16 pairs or fp32 FMAs. Pass 2 puts the dims on the lanes: a row costs dim/16 FMAs per key, so a decode
+ * step's 3 rows do not pay for 16 lanes. Tiles cannot weigh the values: they add keys in pairs, and a pair's
+ * rounding would depend on which keys sit side by side.
  *
  *   query        [Hkv, R, D] in the dtype of the keys, unscaled (logits are multiplied by `scaling`); rows g*N + n
  *                (head g, query n)
@@ -614,8 +617,8 @@ int refined_attention(const float *query, const void *keys, const void *values, 
  * cannot be had. */
 #define LANES 16
 
-/* s[i][l] = (q_l . k_i) * scaling for 4 keys and one group of LANES rows: qt is [dim, lanes] fp32 at the group. */
-static inline void logits4_f32(const float *qt, int64_t lanes, const float *key_row[4], int64_t dim, float scaling,
+/* s[i][l] = q_l . k_i for 4 keys and one group of LANES rows: qt is [dim, lanes] fp32 at the group. */
+static inline void logits4_f32(const float *qt, int64_t lanes, const float *key_row[4], int64_t dim,
                                float s[4][LANES]) {
     for (int64_t i = 0; i < 4; i++)
         for (int64_t l = 0; l < LANES; l++) s[i][l] = 0.0f;
@@ -627,17 +630,18 @@ static inline void logits4_f32(const float *qt, int64_t lanes, const float *key_
             for (int64_t l = 0; l < LANES; l++) s[i][l] += kd * qd[l];
         }
     }
-    for (int64_t i = 0; i < 4; i++)
-        for (int64_t l = 0; l < LANES; l++) s[i][l] *= scaling;
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HAVE_BF16_DOT 1
 /* The same from bf16 pairs (vdpbf16ps: products exact in fp32, summed a dim pair at a time): qt is [pairs, lanes]
  * pairs of the rows' queries, key_row[i] the key's pairs. Reads the keys in place, with no conversion pass. */
 static inline void logits4_bf16(const uint32_t *qt, int64_t lanes, const uint32_t *key_row[4], int64_t pairs,
-                                float scaling, float s[4][LANES]) {
+                                float s[4][LANES]) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t p = 0; p < pairs; p++) {
         const __m512bh q = (__m512bh)_mm512_loadu_si512(qt + p * lanes);
@@ -646,19 +650,192 @@ static inline void logits4_bf16(const uint32_t *qt, int64_t lanes, const uint32_
         a2 = _mm512_dpbf16_ps(a2, q, (__m512bh)_mm512_set1_epi32((int)key_row[2][p]));
         a3 = _mm512_dpbf16_ps(a3, q, (__m512bh)_mm512_set1_epi32((int)key_row[3][p]));
     }
-    const __m512 scale = _mm512_set1_ps(scaling);
-    _mm512_storeu_ps(s[0], _mm512_mul_ps(a0, scale));
-    _mm512_storeu_ps(s[1], _mm512_mul_ps(a1, scale));
-    _mm512_storeu_ps(s[2], _mm512_mul_ps(a2, scale));
-    _mm512_storeu_ps(s[3], _mm512_mul_ps(a3, scale));
+    _mm512_storeu_ps(s[0], a0);
+    _mm512_storeu_ps(s[1], a1);
+    _mm512_storeu_ps(s[2], a2);
+    _mm512_storeu_ps(s[3], a3);
 }
 #else
 #define HAVE_BF16_DOT 0
 static inline void logits4_bf16(const uint32_t *qt, int64_t lanes, const uint32_t *key_row[4], int64_t pairs,
-                                float scaling, float s[4][LANES]) {
-    (void)qt, (void)lanes, (void)key_row, (void)pairs, (void)scaling, (void)s;
+                                float s[4][LANES]) {
+    (void)qt, (void)lanes, (void)key_row, (void)pairs, (void)s;
 }
 #endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Linux hands out the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
+static int amx_permitted(void) {
+    static _Thread_local int state; /* 0 not asked yet, 1 granted, -1 refused */
+    if (!state) state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+/* Every tile as 16 rows of 64 bytes: 0-3 the logits of 64 keys for 16 rows [16 keys, 16 rows] fp32 each, 4-5 keys
+ * [16 keys, 32 dims] bf16, 6 the queries' pairs [16 pairs, 16 rows]. */
+static void configure_tiles(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } config = {0};
+    config.palette = 1;
+    for (int i = 0; i < 8; i++) config.colsb[i] = 64, config.rows[i] = 16;
+    _tile_loadconfig(&config);
+}
+
+/* Raw logits q_l . k_t of 64 keys (rows of `key_rows`, `dim` bf16 apart) for one group of LANES rows (qt as for
+ * logits4_bf16, at the group), into logits[t * lanes + l]: four accumulators in flight, 32 dims per product. */
+static inline void logits64_amx(const uint16_t *key_rows, int64_t dim, const uint32_t *qt, int64_t lanes,
+                                float *logits) {
+    const int64_t stride = dim * 2, block = 16 * dim;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < dim / 32; k++) {
+        const uint16_t *at = key_rows + k * 32;
+        _tile_loadd(6, qt + k * 16 * lanes, lanes * 4);
+        _tile_loadd(4, at, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(5, at + block, stride);
+        _tile_dpbf16ps(1, 5, 6);
+        _tile_loadd(4, at + 2 * block, stride);
+        _tile_dpbf16ps(2, 4, 6);
+        _tile_loadd(5, at + 3 * block, stride);
+        _tile_dpbf16ps(3, 5, 6);
+    }
+    _tile_stored(0, logits, lanes * 4);
+    _tile_stored(1, logits + 16 * lanes, lanes * 4);
+    _tile_stored(2, logits + 32 * lanes, lanes * 4);
+    _tile_stored(3, logits + 48 * lanes, lanes * 4);
+}
+#else
+#define HAVE_AMX 0
+#endif
+
+/* Key t's scaled logits for one group of LANES rows (NEG_BIG where unseen), and the rows' running max. */
+static inline void store_logits(const float *s, float scaling, int64_t t, int64_t open, const uint8_t *seen,
+                                int64_t lanes, int64_t lane, float *logits, float *row_max) {
+    float *row = logits + t * lanes + lane, *top = row_max + lane;
+    if (t < open) {
+#pragma omp simd
+        for (int64_t l = 0; l < LANES; l++) {
+            const float value = s[l] * scaling;
+            row[l] = value;
+            top[l] = value > top[l] ? value : top[l];
+        }
+    } else {
+        const uint8_t *visible = seen + (t - open) * lanes + lane;
+#pragma omp simd
+        for (int64_t l = 0; l < LANES; l++) {
+            const float value = visible[l] ? s[l] * scaling : NEG_BIG;
+            row[l] = value;
+            top[l] = value > top[l] ? value : top[l];
+        }
+    }
+}
+
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0 to about 2 ulp (Cephes' expf polynomial on x - n ln 2, then times 2^n); below -87 it is
+ * exp(-87), still a normal float. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* Pass 2's weights for n keys: p[j, r] = exp(logit[j, r] - max[r]) (0 where unseen), added to each row's sum one
+ * key after another, then rounded to bf16 with round_probs. */
+static void key_probs(const float *logits, int64_t n, int64_t lanes, const float *row_max, float *row_sum,
+                      int round_probs, float *probs) {
+#if defined(__AVX512F__)
+    for (int64_t r = 0; r < lanes; r += LANES) {
+        const __m512 top = _mm512_loadu_ps(row_max + r), floor = _mm512_set1_ps(NEG_BIG / 2);
+        __m512 sum = _mm512_loadu_ps(row_sum + r);
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 x = _mm512_loadu_ps(logits + j * lanes + r);
+            const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, floor, _CMP_GT_OQ), exp512(_mm512_sub_ps(x, top)));
+            sum = _mm512_add_ps(sum, e);
+            __m512i bits = _mm512_castps_si512(e);
+            if (round_probs) { /* round to nearest bf16, ties to even, as round_to_bf16 */
+                const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+                bits = _mm512_and_si512(bits, _mm512_set1_epi32((int)0xFFFF0000u));
+            }
+            _mm512_storeu_ps(probs + j * lanes + r, _mm512_castsi512_ps(bits));
+        }
+        _mm512_storeu_ps(row_sum + r, sum);
+    }
+#else
+    for (int64_t j = 0; j < n; j++) {
+        const float *row = logits + j * lanes;
+        float *p = probs + j * lanes;
+#pragma omp simd
+        for (int64_t r = 0; r < lanes; r++) {
+            const float e = row[r] > NEG_BIG / 2 ? expf(row[r] - row_max[r]) : 0.0f;
+            row_sum[r] += e;
+            p[r] = round_probs ? round_to_bf16(e) : e;
+        }
+    }
+#endif
+}
+
+/* acc[r] += p[j, r] * v[j] for 4 rows r0.. (acc [rows, dim]) over n keys, one key after another: v is [n, dim],
+ * bf16 (as uint16, widened in registers) or fp32. */
+static void weigh_values(const float *probs, int64_t lanes, int64_t r0, const void *v, int is_bf16, int64_t n,
+                         int64_t dim, float *acc) {
+#if defined(__AVX512F__)
+    if (dim % 64 == 0) { /* 4 rows x 64 dims of accumulators in registers */
+        for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+            __m512 a[4][4], x[4];
+            for (int r = 0; r < 4; r++)
+                for (int w = 0; w < 4; w++) a[r][w] = _mm512_loadu_ps(acc + (r0 + r) * dim + d0 + 16 * w);
+            for (int64_t j = 0; j < n; j++) {
+                const float *pj = probs + j * lanes + r0;
+                for (int w = 0; w < 4; w++) {
+                    const int64_t at = j * dim + d0 + 16 * w;
+                    x[w] = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + at))), 16))
+                                   : _mm512_loadu_ps((const float *)v + at);
+                }
+                for (int r = 0; r < 4; r++) {
+                    const __m512 p = _mm512_set1_ps(pj[r]);
+                    for (int w = 0; w < 4; w++) a[r][w] = _mm512_fmadd_ps(x[w], p, a[r][w]);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int w = 0; w < 4; w++) _mm512_storeu_ps(acc + (r0 + r) * dim + d0 + 16 * w, a[r][w]);
+        }
+        return;
+    }
+#endif
+    float block[BLOCK * MAX_DIM];
+    const float *vf = as_f32(v, is_bf16, 0, n * dim, block);
+    for (int64_t r = r0; r < r0 + 4; r++) {
+        float *a = acc + r * dim;
+        for (int64_t j = 0; j < n; j++) {
+            const float p = probs[j * lanes + r], *vj = vf + j * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) a[d] += p * vj[d];
+        }
+    }
+}
 
 int cache_attention(const void *query, float scaling, const void *keys, const void *values, int is_bf16,
                     int round_probs, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
@@ -666,13 +843,20 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
     if (rows > MAX_ROWS || dim > MAX_DIM || dim % 8 || queries < 1 || rows % queries) return -1;
     static _Thread_local void *logit_buffer, *seen_buffer, *lane_buffer;
     static _Thread_local int64_t logit_capacity, seen_capacity, lane_capacity;
-    static _Thread_local float key_block[BLOCK * MAX_DIM], value_block[BLOCK * MAX_DIM], zeros[MAX_DIM];
+    static _Thread_local float key_block[BLOCK * MAX_DIM], zeros[MAX_DIM];
+    static _Thread_local uint16_t key_tail[64 * MAX_DIM];
     static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
     const int64_t lanes = (rows + LANES - 1) / LANES * LANES;
     float *query_t = scratch(&lane_buffer, &lane_capacity, (int64_t)sizeof(float) * lanes * (2 * dim + BLOCK));
     if (!query_t) return -2;
-    float *acc_t = query_t + dim * lanes, *probs = acc_t + dim * lanes; /* [D, lanes] each, then [BLOCK, lanes] */
-    const int bf16_dot = is_bf16 && HAVE_BF16_DOT;
+    float *acc = query_t + dim * lanes, *probs = acc + dim * lanes; /* [D, lanes], [lanes, D], [BLOCK, lanes] */
+#if HAVE_AMX
+    const int amx = is_bf16 && dim % 32 == 0 && amx_permitted();
+    if (amx) configure_tiles();
+#else
+    const int amx = 0;
+#endif
+    const int pairs = is_bf16 && (HAVE_BF16_DOT || amx); /* queries as bf16 pairs, keys read in place */
     /* Keys before `open` are seen by every query; past it, seen[(t - open) * lanes + r] says (0 for padding lanes). */
     int64_t open = length;
     if (mask) {
@@ -683,18 +867,19 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
         }
     }
     uint8_t *seen = scratch(&seen_buffer, &seen_capacity, (length - open) * lanes + 1);
-    float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * (length * lanes + 1));
+    /* whole tiles of 64 keys */
+    float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * ((length + 64) * lanes));
     if (!seen || !logits) return -2;
     for (int64_t t = open; t < length; t++) {
         uint8_t *s = seen + (t - open) * lanes;
         for (int64_t r = 0; r < lanes; r++) s[r] = r < rows && mask[(r % queries) * mask_stride + t];
     }
     for (int64_t h = 0; h < num_kv_heads; h++) {
-        if (bf16_dot) { /* [D/2, lanes] pairs (q[2p] in the low half), as vdpbf16ps wants them */
+        if (pairs) { /* [D/2, lanes] pairs (q[2p] in the low half), as vdpbf16ps and the tiles want them */
             const uint32_t *q = (const uint32_t *)query + h * rows * dim / 2;
-            uint32_t *pairs = (uint32_t *)query_t;
+            uint32_t *qt = (uint32_t *)query_t;
             for (int64_t p = 0; p < dim / 2; p++)
-                for (int64_t r = 0; r < lanes; r++) pairs[p * lanes + r] = r < rows ? q[r * dim / 2 + p] : 0u;
+                for (int64_t r = 0; r < lanes; r++) qt[p * lanes + r] = r < rows ? q[r * dim / 2 + p] : 0u;
         } else { /* [D, lanes] fp32 (a bf16 query converted, where the CPU has no bf16 dot product) */
             float row[MAX_DIM];
             for (int64_t r = 0; r < lanes; r++) {
@@ -703,48 +888,50 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
             }
         }
         for (int64_t r = 0; r < lanes; r++) row_max[r] = NEG_BIG, row_sum[r] = 0.0f;
-        memset(acc_t, 0, sizeof(float) * dim * lanes);
+        memset(acc, 0, sizeof(float) * dim * lanes);
         const int64_t base = h * head_stride;
 
-        /* Pass 1: logits[t, r] = q_r . k_t (NEG_BIG where unseen), and each row's max. */
+        /* Pass 1: logits[t, r] = q_r . k_t * scaling (NEG_BIG where unseen), and each row's max. */
+#if HAVE_AMX
+        if (amx) { /* tiles write raw logits 64 keys at a time (zero keys past the end), then scale, mask and max */
+            for (int64_t start = 0; start < length; start += 64) {
+                const int64_t n = length - start < 64 ? length - start : 64;
+                const uint16_t *key_rows = (const uint16_t *)keys + base + start * dim;
+                if (n < 64) {
+                    memset(key_tail, 0, sizeof(uint16_t) * 64 * dim);
+                    memcpy(key_tail, key_rows, sizeof(uint16_t) * n * dim);
+                    key_rows = key_tail;
+                }
+                for (int64_t lane = 0; lane < lanes; lane += LANES)
+                    logits64_amx(key_rows, dim, (const uint32_t *)query_t + lane, lanes, logits + start * lanes + lane);
+                for (int64_t i = 0; i < n; i++)
+                    for (int64_t lane = 0; lane < lanes; lane += LANES) {
+                        float *raw = logits + (start + i) * lanes + lane;
+                        store_logits(raw, scaling, start + i, open, seen, lanes, lane, logits, row_max);
+                    }
+            }
+        } else
+#endif
         for (int64_t start = 0; start < length; start += BLOCK) {
             const int64_t n = length - start < BLOCK ? length - start : BLOCK;
-            const float *k = bf16_dot ? NULL : as_f32(keys, is_bf16, base + start * dim, n * dim, key_block);
+            const float *k = pairs ? NULL : as_f32(keys, is_bf16, base + start * dim, n * dim, key_block);
             for (int64_t lane = 0; lane < lanes; lane += LANES) {
                 for (int64_t j = 0; j < n; j += 4) {
                     float s[4][LANES];
                     const int64_t m = n - j < 4 ? n - j : 4;
-                    if (bf16_dot) {
+                    if (pairs) {
                         const uint32_t *key_row[4];
                         for (int64_t i = 0; i < 4; i++)
                             key_row[i] = i < m ? (const uint32_t *)keys + (base + (start + j + i) * dim) / 2
                                                : (const uint32_t *)zeros;
-                        logits4_bf16((const uint32_t *)query_t + lane, lanes, key_row, dim / 2, scaling, s);
+                        logits4_bf16((const uint32_t *)query_t + lane, lanes, key_row, dim / 2, s);
                     } else {
                         const float *key_row[4];
                         for (int64_t i = 0; i < 4; i++) key_row[i] = i < m ? k + (j + i) * dim : zeros;
-                        logits4_f32(query_t + lane, lanes, key_row, dim, scaling, s);
+                        logits4_f32(query_t + lane, lanes, key_row, dim, s);
                     }
-                    for (int64_t i = 0; i < m; i++) {
-                        const int64_t t = start + j + i;
-                        float *row = logits + t * lanes + lane;
-                        const uint8_t *visible = seen + (t - open) * lanes + lane;
-                        float *top = row_max + lane;
-                        if (t < open) {
-#pragma omp simd
-                            for (int64_t l = 0; l < LANES; l++) {
-                                row[l] = s[i][l];
-                                top[l] = s[i][l] > top[l] ? s[i][l] : top[l];
-                            }
-                        } else {
-#pragma omp simd
-                            for (int64_t l = 0; l < LANES; l++) {
-                                const float value = visible[l] ? s[i][l] : NEG_BIG;
-                                row[l] = value;
-                                top[l] = value > top[l] ? value : top[l];
-                            }
-                        }
-                    }
+                    for (int64_t i = 0; i < m; i++)
+                        store_logits(s[i], scaling, start + j + i, open, seen, lanes, lane, logits, row_max);
                 }
             }
         }
@@ -752,39 +939,19 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
         /* Pass 2, one key after another: p = exp(logit - max) into the sums, (bf16-rounded) p into the values. */
         for (int64_t start = 0; start < length; start += BLOCK) {
             const int64_t n = length - start < BLOCK ? length - start : BLOCK;
-            const float *v = as_f32(values, is_bf16, base + start * dim, n * dim, value_block);
-            for (int64_t j = 0; j < n; j++) {
-                const float *row = logits + (start + j) * lanes;
-                float *p = probs + j * lanes;
-#pragma omp simd
-                for (int64_t r = 0; r < lanes; r++) {
-                    const float e = row[r] > NEG_BIG / 2 ? expf(row[r] - row_max[r]) : 0.0f;
-                    row_sum[r] += e;
-                    p[r] = round_probs ? round_to_bf16(e) : e;
-                }
-            }
-            for (int64_t lane = 0; lane < lanes; lane += LANES) {
-                for (int64_t d0 = 0; d0 < dim; d0 += 8) { /* dim is a multiple of 8 */
-                    float a[8][LANES];
-                    for (int64_t i = 0; i < 8; i++)
-                        for (int64_t l = 0; l < LANES; l++) a[i][l] = acc_t[(d0 + i) * lanes + lane + l];
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *p = probs + j * lanes + lane, *vj = v + j * dim + d0;
-                        for (int64_t i = 0; i < 8; i++) {
-#pragma omp simd
-                            for (int64_t l = 0; l < LANES; l++) a[i][l] += vj[i] * p[l];
-                        }
-                    }
-                    for (int64_t i = 0; i < 8; i++)
-                        for (int64_t l = 0; l < LANES; l++) acc_t[(d0 + i) * lanes + lane + l] = a[i][l];
-                }
-            }
+            const void *v = is_bf16 ? (const void *)((const uint16_t *)values + base + start * dim)
+                                    : (const void *)((const float *)values + base + start * dim);
+            key_probs(logits + start * lanes, n, lanes, row_max, row_sum, round_probs, probs);
+            for (int64_t r0 = 0; r0 < rows; r0 += 4) weigh_values(probs, lanes, r0, v, is_bf16, n, dim, acc);
         }
         float *o = out + h * rows * dim;
         for (int64_t r = 0; r < rows; r++) {
             const float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
-            for (int64_t d = 0; d < dim; d++) o[r * dim + d] = acc_t[d * lanes + r] * inverse;
+            for (int64_t d = 0; d < dim; d++) o[r * dim + d] = acc[r * dim + d] * inverse;
         }
     }
+#if HAVE_AMX
+    if (amx) _tile_release();
+#endif
     return 0;
 }

@@ -363,7 +363,19 @@ def test_cache_kernel_equals_softmax_over_the_keys_each_query_sees(dtype, querie
     torch.testing.assert_close(out, cache_reference(query, 0.125, keys, values, mask, queries), atol=2e-5, rtol=1e-4)
 
 
-def test_cache_kernel_rows_depend_only_on_the_keys_they_see():
+# The ways pass 1 scores bf16 keys, by the flags that take the faster ones away: AMX tiles, AVX512-BF16 pairs, fp32.
+SCORING_PATHS = {"tiles": (), "pairs": ("-mno-amx-tile",), "fp32": ("-mno-amx-tile", "-mno-avx512bf16")}
+
+
+@pytest.fixture(params=list(SCORING_PATHS))
+def scoring_path(request, fresh_load, monkeypatch):
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, *SCORING_PATHS[request.param]))
+    if native.load() is None:
+        pytest.skip(f"this compiler has no {SCORING_PATHS[request.param]} (not x86)")
+    return request.param
+
+
+def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path):
     """A tree node over the prefix plus its ancestors, scattered among other nodes' keys and with other rows
     beside it, gets bit for bit the row of a decode step over the prefix and the same path in a row."""
     generator = torch.Generator().manual_seed(7)
@@ -384,6 +396,20 @@ def test_cache_kernel_rows_depend_only_on_the_keys_they_see():
     assert torch.equal(tree_out[:, rows], step_out)
 
 
+def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
+    """Each way of scoring bf16 keys (and the query layout it wants) gives the softmax over the keys each query
+    sees, for one lane group and for several, over a length that is no whole number of tiles."""
+    generator = torch.Generator().manual_seed(3)
+    for queries in (1, 5, 7):
+        query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
+        keys, values = torch.randn(2, NUM_KV_HEADS, 301, HEAD_DIM, generator=generator).bfloat16()
+        mask = torch.rand(queries, 301, generator=generator) > 0.3
+        mask[:, :150] = True
+        out = native.cache_attention(query, 0.125, keys, values, mask, queries)
+        expected = cache_reference(query, 0.125, keys, values, mask, queries)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_cache_kernel_gives_zeros_to_a_row_that_sees_nothing():
     keys = torch.randn(NUM_KV_HEADS, 20, HEAD_DIM)
     mask = torch.ones(2, 20, dtype=torch.bool)
@@ -399,18 +425,3 @@ def test_cache_kernel_supports_row_contiguous_views_only():
     assert not native.supports_cache(stored[0], stored[1], native.MAX_ROWS + 1)
     odd = torch.randn(NUM_KV_HEADS, 10, 60)
     assert not native.supports_cache(odd, odd, 3)
-
-
-def test_cache_kernel_without_a_bf16_dot_product_reads_bf16_queries_as_fp32(fresh_load, monkeypatch):
-    """On a CPU without AVX512-BF16 the kernel scores bf16 caches with fp32 FMAs: the queries must be laid out for
-    that path too."""
-    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512bf16"))
-    if native.load() is None:
-        pytest.skip("this compiler has no -mno-avx512bf16 (not x86)")
-    generator = torch.Generator().manual_seed(3)
-    query = torch.randn(NUM_KV_HEADS, 15, HEAD_DIM, generator=generator).bfloat16()
-    keys, values = torch.randn(2, NUM_KV_HEADS, 300, HEAD_DIM, generator=generator).bfloat16()
-    mask = torch.rand(5, 300, generator=generator) > 0.3
-    mask[:, :150] = True
-    out = native.cache_attention(query, 0.125, keys, values, mask, 5)
-    torch.testing.assert_close(out, cache_reference(query, 0.125, keys, values, mask, 5), atol=2e-5, rtol=1e-4)
