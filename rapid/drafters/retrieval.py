@@ -1,8 +1,9 @@
 """The retrieval drafter: continuations copied from the document (REST / prompt lookup, RASD).
 
 No model: the token datastore finds the longest suffix of the recent tokens (question + answer so far)
-that occurs in the document or in the answer itself, and its continuations become deterministic
-tree nodes scored by their counts.
+that occurs in the document or in those recent tokens themselves, and its continuations become
+deterministic tree nodes scored by their counts. Searching the question as well as the answer lets an
+answer that restates the question ("The first line of the play is ...") copy it.
 """
 
 from __future__ import annotations
@@ -29,16 +30,14 @@ class RetrievalDrafter:
                  config: RetrievalDraftConfig = RetrievalDraftConfig()):
         self.datastore = datastore
         self.config = config
-        self.recent = list(query_ids)
-        self.generated: list[int] = []
+        self.recent = list(query_ids)  # what follows the document, then the answer so far
 
     def start(self, target_cache=None) -> None:
         pass
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:
         self.recent += new_tokens
-        self.generated += new_tokens
-        found = self.datastore.lookup(self.recent, extra=self.generated)
+        found = self.datastore.lookup(self.recent, extra=self.recent)
         tree = TokenTree.root(new_tokens[-1])
         index = {-1: 0}
         for i in range(len(found)):
