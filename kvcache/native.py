@@ -7,9 +7,11 @@ against 28 ms for SDPA over every key; over every key the kernel takes 26-28 ms,
 SDPA per key read, it only reads fewer.
 
 `cache_attention` serves dense bf16 caches for a few queries (decode steps and trees, rapid.attention): logits
-first (AMX tiles where the CPU has them), then exp and values in cache order, so a row's bits depend only on the
-keys it sees. One layer of the default model at 16K keys (9 heads, 1 thread, interleaved medians of 11): 3.1 ms
-against 3.9 for SDPA for one query, 9.3 against 11.7 for 16 queries (the kernel before AMX: 5.8 and 14.5).
+first, then exp and values in cache order (AMX tiles for the logits and for the values of a row's first keys,
+where the CPU has them), so a tree node's bits equal the decode step's of its path. One layer of the default
+model at 16K keys (9 heads, 1 thread, interleaved medians of 21): 2.9 ms for one query and 7.9 for 16, against
+2.9 and 12.7 for SDPA and 2.2 and 9.3 with the values weighed by FMAs alone (tiles cost a lone decode step more
+than they save it).
 
 The library is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this CPU
 (-march=native) into ~/.cache/rapid/kernels (`RAPID_KERNEL_DIR`), keyed by source, flags, compiler and

@@ -604,9 +604,11 @@ int refined_attention(const float *query, const void *keys, const void *values, 
  * step of its path gets, and in bf16 the speculative engine's output equals plain decoding.
  * Pass 1 puts rows on the vector lanes, LANES at a time: with AMX one tile product scores 16 keys (a logit is a
  * dot product over the dims, so it stays a function of its own query and key), else 4 keys a step with
- * AVX512-BF16 pairs or fp32 FMAs. Pass 2 puts the dims on the lanes: a row costs dim/16 FMAs per key, so a decode
- * step's 3 rows do not pay for 16 lanes. Tiles cannot weigh the values: they add keys in pairs, and a pair's
- * rounding would depend on which keys sit side by side.
+ * AVX512-BF16 pairs or fp32 FMAs. Pass 2 puts the dims on the lanes: a row costs dim/16 FMAs per key. With AMX
+ * and bf16 probabilities, tiles weigh the values of a row's first keys, in whole 64-key blocks up to a bound
+ * set by how many keys the row sees (and its first hole): tiles add keys in pairs, so the pairs must be the
+ * same ones in a tree node and in the decode step of its path, and a node sees the prefix unbroken, then its
+ * ancestors. Its later keys go one after another as above.
  *
  *   query        [Hkv, R, D] in the dtype of the keys, unscaled (logits are multiplied by `scaling`); rows g*N + n
  *                (head g, query n)
@@ -675,16 +677,18 @@ static int amx_permitted(void) {
     return state > 0;
 }
 
-/* Every tile as 16 rows of 64 bytes: 0-3 the logits of 64 keys for 16 rows [16 keys, 16 rows] fp32 each, 4-5 keys
- * [16 keys, 32 dims] bf16, 6 the queries' pairs [16 pairs, 16 rows]. */
-static void configure_tiles(void) {
+/* Every tile 64 bytes wide. Pass 1 (value_rows 0): 16 rows each, 0-3 the logits of 64 keys for 16 rows [16 keys,
+ * 16 rows] fp32 each, 4-5 keys [16 keys, 32 dims] bf16, 6 the queries' pairs [16 pairs, 16 rows]. The values
+ * (weigh_values_amx): 0-3 outputs [value_rows rows, 16 dims] fp32, 4 probabilities [value_rows rows, 16 key pairs],
+ * 5-6 values [16 key pairs, 16 dims]; a decode step's 3 rows then pay for 3 rows, not 16. */
+static void configure_tiles(int value_rows) {
     struct {
         uint8_t palette, start_row, reserved[14];
         uint16_t colsb[16];
         uint8_t rows[16];
     } config = {0};
     config.palette = 1;
-    for (int i = 0; i < 8; i++) config.colsb[i] = 64, config.rows[i] = 16;
+    for (int i = 0; i < 8; i++) config.colsb[i] = 64, config.rows[i] = value_rows && i < 5 ? value_rows : 16;
     _tile_loadconfig(&config);
 }
 
@@ -837,6 +841,130 @@ static void weigh_values(const float *probs, int64_t lanes, int64_t r0, const vo
     }
 }
 
+#if HAVE_AMX && defined(__AVX512BW__)
+#define HAVE_AMX_VALUES 1
+#define SPAN 128 /* keys whose values are interleaved at a time, for every lane group */
+
+/* The values of 32 keys as the tiles' B operand, 16 dims a tile: vnni[(slab * 16 + pair) * 32 + 2 i + k] is
+ * v[(2 pair + k) * dim + 16 slab + i], the two keys of a pair side by side. */
+static void interleave_values(const uint16_t *v, int64_t dim, uint16_t *vnni) {
+    __m512i low, high;
+    {
+        uint16_t lo_index[32], hi_index[32];
+        for (int j = 0; j < 32; j++) lo_index[j] = (uint16_t)(j / 2 + (j & 1) * 32), hi_index[j] = lo_index[j] + 16;
+        low = _mm512_loadu_si512(lo_index), high = _mm512_loadu_si512(hi_index);
+    }
+    for (int64_t pair = 0; pair < 16; pair++) {
+        const uint16_t *even = v + 2 * pair * dim, *odd = even + dim;
+        for (int64_t d = 0; d < dim; d += 32) {
+            const __m512i a = _mm512_loadu_si512(even + d), b = _mm512_loadu_si512(odd + d);
+            _mm512_storeu_si512(vnni + ((d / 16) * 16 + pair) * 32, _mm512_permutex2var_epi16(a, low, b));
+            _mm512_storeu_si512(vnni + ((d / 16 + 1) * 16 + pair) * 32, _mm512_permutex2var_epi16(a, high, b));
+        }
+    }
+}
+
+/* Transpose 16 x 16 32-bit words in registers. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2)
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 4) { /* r[4i + m], 128-bit lane j: column 4j + m of rows 4i..4i+3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i x0 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(r[m], r[4 + m], 0xEE);
+        const __m512i x2 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0x44);
+        const __m512i x3 = _mm512_shuffle_i32x4(r[8 + m], r[12 + m], 0xEE);
+        t[m] = _mm512_shuffle_i32x4(x0, x2, 0x88), t[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+        t[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88), t[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* The bf16 probabilities of 32 keys for one lane group as the tiles' A operand: word a[l * 16 + pair] holds keys
+ * 2 pair (low half) and 2 pair + 1 of lane l; lanes without a bit in `keep` get zeros. probs is key-major at the
+ * group, its floats already rounded to bf16, so their high halves are the bf16 bits. */
+static void pack_probs(const float *probs, int64_t lanes, __mmask16 keep, uint32_t *a) {
+    __m512i r[16];
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int p = 0; p < 16; p++) {
+        const __m512i even = _mm512_castps_si512(_mm512_loadu_ps(probs + 2 * p * lanes));
+        const __m512i odd = _mm512_castps_si512(_mm512_loadu_ps(probs + (2 * p + 1) * lanes));
+        r[p] = _mm512_maskz_or_epi32(keep, _mm512_srli_epi32(even, 16), _mm512_and_si512(odd, high));
+    }
+    transpose16(r);
+    for (int l = 0; l < 16; l++) _mm512_storeu_si512(a + l * 16, r[l]);
+}
+
+/* acc[16 rows, dim] (one lane group, row stride dim) += P V over `chunks` chunks of 32 keys: a_tiles from
+ * pack_probs, vnni from interleave_values, one 32 * dim block per chunk. 64 dims at a time in tiles 0-3. */
+static void weigh_values_amx(const uint32_t *a_tiles, const uint16_t *vnni, int64_t chunks, int64_t dim,
+                             float *acc) {
+    const int64_t stride = dim * 4;
+    for (int64_t d0 = 0; d0 < dim; d0 += 64) {
+        _tile_loadd(0, acc + d0, stride);
+        _tile_loadd(1, acc + d0 + 16, stride);
+        _tile_loadd(2, acc + d0 + 32, stride);
+        _tile_loadd(3, acc + d0 + 48, stride);
+        for (int64_t c = 0; c < chunks; c++) {
+            const uint16_t *b = vnni + c * 32 * dim + (d0 / 16) * 512;
+            _tile_loadd(4, a_tiles + c * 256, 64);
+            _tile_loadd(5, b, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, b + 512, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, b + 1024, 64);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(6, b + 1536, 64);
+            _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, acc + d0, stride);
+        _tile_stored(1, acc + d0 + 16, stride);
+        _tile_stored(2, acc + d0 + 32, stride);
+        _tile_stored(3, acc + d0 + 48, stride);
+    }
+}
+
+/* Pass 2 over keys [0, bmax) with tiles: row r takes keys [0, bound[r]) from the tiles (whole 64-key blocks,
+ * zeros past its bound) and keys [bound[r], bmax) from weigh_values, so its sum stays a function of its own
+ * keys. The probabilities are written over the logits. */
+static void values_prefix_amx(float *logits, int64_t lanes, int64_t rows, const int32_t *bound, int64_t bmax,
+                              const uint16_t *v, int64_t dim, const float *row_max, float *row_sum, float *acc) {
+    static _Thread_local uint16_t vnni[SPAN * MAX_DIM];
+    static _Thread_local uint32_t a_tiles[SPAN / 32 * 256];
+    for (int64_t span = 0; span < bmax; span += SPAN) {
+        const int64_t n = bmax - span < SPAN ? bmax - span : SPAN;
+        key_probs(logits + span * lanes, n, lanes, row_max, row_sum, 1, logits + span * lanes);
+        for (int64_t c = 0; c < n / 32; c++) interleave_values(v + (span + 32 * c) * dim, dim, vnni + c * 32 * dim);
+        for (int64_t g = 0; g < lanes; g += LANES) {
+            const __m512i lane_bound = _mm512_loadu_si512(bound + g);
+            const int64_t top = _mm512_reduce_max_epi32(lane_bound);
+            const int64_t chunks = ((top - span < n ? top - span : n) + 31) / 32;
+            if (chunks <= 0) continue;
+            for (int64_t c = 0; c < chunks; c++) {
+                const __mmask16 keep = _mm512_cmpgt_epi32_mask(lane_bound, _mm512_set1_epi32((int)(span + 32 * c)));
+                pack_probs(logits + (span + 32 * c) * lanes + g, lanes, keep, a_tiles + c * 256);
+            }
+            weigh_values_amx(a_tiles, vnni, chunks, dim, acc + g * dim);
+        }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+        int64_t start = bmax;
+        for (int64_t r = r0; r < r0 + 4; r++) start = bound[r] < start ? bound[r] : start;
+        for (int64_t r = r0; r < r0 + 4; r++) /* the tiles took these */
+            for (int64_t t = start; t < bound[r]; t++) logits[t * lanes + r] = 0.0f;
+        for (int64_t t = start; t < bmax; t += BLOCK) {
+            const int64_t m = bmax - t < BLOCK ? bmax - t : BLOCK;
+            weigh_values(logits + t * lanes, lanes, r0, v + t * dim, 1, m, dim, acc);
+        }
+    }
+}
+#else
+#define HAVE_AMX_VALUES 0
+#endif
+
 int cache_attention(const void *query, float scaling, const void *keys, const void *values, int is_bf16,
                     int round_probs, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
                     int64_t length, int64_t dim, const uint8_t *mask, int64_t mask_stride, float *out) {
@@ -852,7 +980,6 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
     float *acc = query_t + dim * lanes, *probs = acc + dim * lanes; /* [D, lanes], [lanes, D], [BLOCK, lanes] */
 #if HAVE_AMX
     const int amx = is_bf16 && dim % 32 == 0 && amx_permitted();
-    if (amx) configure_tiles();
 #else
     const int amx = 0;
 #endif
@@ -866,6 +993,30 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
             open = first < open ? first : open;
         }
     }
+    /* Rows weigh keys [0, bound) of their values with tiles: whole 64-key blocks, ending 64 keys before a row's last
+     * key and at its first hole, so a tree node (prefix, then its ancestors) gets the bound of the decode step of its
+     * path. Lanes past the rows take the largest. */
+    static _Thread_local int32_t bound[MAX_ROWS];
+    int64_t bmax = 0;
+#if HAVE_AMX_VALUES
+    if (amx && round_probs && dim % 64 == 0) {
+        for (int64_t n = 0; n < queries; n++) {
+            int64_t count = length, hole = length;
+            if (mask) {
+                const uint8_t *row = mask + n * mask_stride;
+                const void *first = memchr(row, 0, (size_t)length);
+                hole = first ? (const uint8_t *)first - row : length;
+                count = hole;
+                for (int64_t t = hole; t < length; t++) count += row[t] != 0;
+            }
+            int64_t b = count > 64 ? (count - 65) / 64 * 64 : 0;
+            b = b < hole / 64 * 64 ? b : hole / 64 * 64;
+            for (int64_t r = n; r < rows; r += queries) bound[r] = (int32_t)b;
+            bmax = b > bmax ? b : bmax;
+        }
+        for (int64_t r = rows; r < lanes; r++) bound[r] = (int32_t)bmax;
+    }
+#endif
     uint8_t *seen = scratch(&seen_buffer, &seen_capacity, (length - open) * lanes + 1);
     /* whole tiles of 64 keys */
     float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * ((length + 64) * lanes));
@@ -893,6 +1044,7 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
 
         /* Pass 1: logits[t, r] = q_r . k_t * scaling (NEG_BIG where unseen), and each row's max. */
 #if HAVE_AMX
+        if (amx) configure_tiles(0);
         if (amx) { /* tiles write raw logits 64 keys at a time (zero keys past the end), then scale, mask and max */
             for (int64_t start = 0; start < length; start += 64) {
                 const int64_t n = length - start < 64 ? length - start : 64;
@@ -937,7 +1089,14 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
         }
 
         /* Pass 2, one key after another: p = exp(logit - max) into the sums, (bf16-rounded) p into the values. */
-        for (int64_t start = 0; start < length; start += BLOCK) {
+#if HAVE_AMX_VALUES
+        if (bmax) {
+            configure_tiles(rows < LANES ? (int)rows : LANES);
+            values_prefix_amx(logits, lanes, rows, bound, bmax, (const uint16_t *)values + base, dim, row_max, row_sum,
+                              acc);
+        }
+#endif
+        for (int64_t start = bmax; start < length; start += BLOCK) {
             const int64_t n = length - start < BLOCK ? length - start : BLOCK;
             const void *v = is_bf16 ? (const void *)((const uint16_t *)values + base + start * dim)
                                     : (const void *)((const float *)values + base + start * dim);

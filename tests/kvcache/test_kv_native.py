@@ -363,7 +363,8 @@ def test_cache_kernel_equals_softmax_over_the_keys_each_query_sees(dtype, querie
     torch.testing.assert_close(out, cache_reference(query, 0.125, keys, values, mask, queries), atol=2e-5, rtol=1e-4)
 
 
-# The ways pass 1 scores bf16 keys, by the flags that take the faster ones away: AMX tiles, AVX512-BF16 pairs, fp32.
+# The ways the kernel reads bf16 caches, by the flags that take the faster ones away: AMX tiles (logits, and values
+# past a few hundred keys), AVX512-BF16 pairs, fp32.
 SCORING_PATHS = {"tiles": (), "pairs": ("-mno-amx-tile",), "fp32": ("-mno-amx-tile", "-mno-avx512bf16")}
 
 
@@ -375,11 +376,13 @@ def scoring_path(request, fresh_load, monkeypatch):
     return request.param
 
 
-def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path):
+@pytest.mark.parametrize("prefix", [61, 190])
+def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path, prefix):
     """A tree node over the prefix plus its ancestors, scattered among other nodes' keys and with other rows
-    beside it, gets bit for bit the row of a decode step over the prefix and the same path in a row."""
+    beside it, gets bit for bit the row of a decode step over the prefix and the same path in a row. At 61 the
+    tree crosses a 64-key block; at 190 tiles weigh 128 of the path node's values and 64 of the root's."""
     generator = torch.Generator().manual_seed(7)
-    prefix, path, tree = 61, [0, 2, 3, 5, 7], 8  # the tree crosses the kernel's 64-key block
+    path, tree = [0, 2, 3, 5, 7], 8
     stored = torch.randn(2, NUM_KV_HEADS, prefix + tree, HEAD_DIM, generator=generator).bfloat16()
     query = torch.randn(NUM_KV_HEADS, 3 * tree, HEAD_DIM, generator=generator).bfloat16()
     mask = torch.ones(tree, prefix + tree, dtype=torch.bool)
@@ -396,18 +399,33 @@ def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path):
     assert torch.equal(tree_out[:, rows], step_out)
 
 
+def rounded_reference(query, scaling, keys, values, mask, queries):
+    """cache_reference with the weights of the values rounded to bf16 (the sums are not), as round_probs asks."""
+    logits = torch.einsum("hrd,hsd->hrs", query.float(), keys.float()) * scaling
+    if mask is not None:
+        logits = logits.masked_fill(~mask.repeat(query.shape[1] // queries, 1)[None], -math.inf)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()
+    out = torch.einsum("hrs,hsd->hrd", weights.bfloat16().double(), values.double())
+    return (out / weights.double().sum(-1, keepdim=True)).float()
+
+
 def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
-    """Each way of scoring bf16 keys (and the query layout it wants) gives the softmax over the keys each query
-    sees, for one lane group and for several, over a length that is no whole number of tiles."""
+    """Each way of reading bf16 caches (and the query layout it wants) gives the softmax over the keys each query
+    sees, for one lane group and for several, over a length that is no whole number of tiles; with bf16 weights
+    (what the model asks for) tiles weigh the first 192 values of a row that sees every key."""
     generator = torch.Generator().manual_seed(3)
     for queries in (1, 5, 7):
         query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
         keys, values = torch.randn(2, NUM_KV_HEADS, 301, HEAD_DIM, generator=generator).bfloat16()
         mask = torch.rand(queries, 301, generator=generator) > 0.3
         mask[:, :150] = True
+        mask[0] = True
         out = native.cache_attention(query, 0.125, keys, values, mask, queries)
         expected = cache_reference(query, 0.125, keys, values, mask, queries)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+        rounded = native.cache_attention(query, 0.125, keys, values, mask, queries, round_probs=True)
+        expected = rounded_reference(query, 0.125, keys, values, mask, queries)
+        torch.testing.assert_close(rounded, expected, atol=1e-4, rtol=1e-3)
 
 
 def test_cache_kernel_gives_zeros_to_a_row_that_sees_nothing():
