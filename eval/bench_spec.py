@@ -14,11 +14,14 @@ transformers methods get the document prefilled into a DynamicCache too. `tokens
 question end to end after ingest (question prefill, retrieval, the drafter's prefill on its RAG context,
 decoding); `decode_tokens_per_s` counts from the first answer token to the last. Contexts past the
 native 8K use YaRN. Outputs are
-checked token for token against `ar`. Last line: one JSON object.
+checked token for token against `ar`. `--replay-budgets` also replays the retrieval drafter on each AR
+answer at each tree budget with free trees: how many tokens a step could accept at best. Last line: one JSON
+object.
 
     python -m eval.bench_spec                               # 4K 8K 16K
     python -m eval.bench_spec --contexts 4096 --questions 1 --new-tokens 32
     python -m eval.bench_spec --contexts 32768 --methods spec-retrieval hf-lookup
+    python -m eval.bench_spec --contexts 16384 --methods spec-retrieval --skip-hf --replay-budgets 2 4 8 16
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 
 from api.qa import AskOptions, DocumentQA, QAConfig
 from eval.bench_decode import TokenClock, native_context, yarn_for
+from rapid.drafters.retrieval import RetrievalDrafter
 from rapid.generate import GenerationConfig, GenerationStats, generate
 from rapid.metrics import SpecStats
 from rapid.models import ModelSpec, load_model
@@ -115,6 +119,28 @@ def hf_answer(model, method: str, doc_cache, full_ids: list[int], new_tokens: in
     return tokens, time.perf_counter() - start, decode_rate(len(tokens), clock.times[1], clock.times[-1])
 
 
+def replay_retrieval(datastore, question_ids: list[int], reference: list[int], budget: int) -> tuple[float, float]:
+    """What the retrieval drafter would reach on `reference` (the target's greedy answer) with trees of `budget`
+    nodes, however much they cost: each step drafts from the tokens so far and accepts the longest path the
+    reference follows, then its next token. Returns (mean acceptance length over steps that drafted, as the
+    engine counts it; tokens per target forward over every step), the ceilings of the engine's retrieval runs."""
+    drafter = RetrievalDrafter(datastore, question_ids)
+    new, at, steps, drafts, accepted = reference[:1], 1, 0, 0, 0
+    while at < len(reference):
+        tree = drafter.propose(new, budget)
+        children, node, length = tree.children(), 0, 0
+        while at + length < len(reference):
+            match = [c for c in children[node] if tree.tokens[c] == reference[at + length]]
+            if not match:
+                break
+            node, length = match[0], length + 1
+        steps, drafts, accepted = steps + 1, drafts + (len(tree) > 1), accepted + length
+        new, at = reference[at:at + length + 1], at + length + 1
+    if not steps:
+        return float("nan"), float("nan")
+    return 1 + accepted / drafts if drafts else 1.0, 1 + accepted / steps
+
+
 def decode_rate(num_tokens: int, first: float, last: float) -> float:
     """Tokens per second after the first token (prefills excluded)."""
     return (num_tokens - 1) / (last - first) if num_tokens > 1 and last > first else float("nan")
@@ -139,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-hf", action="store_true", help="only our methods")
     parser.add_argument("--methods", nargs="+", choices=[*OUR_METHODS, *HF_METHODS],
                         help="run only these besides ar (default: all)")
+    parser.add_argument("--replay-budgets", type=int, nargs="*", default=[],
+                        help="also replay the retrieval drafter on each AR answer at these tree budgets, trees free: "
+                             "the mean acceptance length a retrieval run could reach (rows replay-retrieval)")
     args = parser.parse_args(argv)
     wanted = set(args.methods or [*OUR_METHODS, *HF_METHODS]) - (set(HF_METHODS) if args.skip_hf else set())
     hf_methods = [name for name in HF_METHODS if name in wanted]
@@ -164,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                         1024)
         lm.model.config._attn_implementation = "rapid"
         runs: dict[str, list[Run]] = {}
+        replays: dict[int, list[float]] = {}
         for question in QUESTIONS[: args.questions]:
             question_ids = ar_qa.prompt.question_ids(question)
             gen_config = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=tuple(stop))
@@ -173,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
             elapsed = time.perf_counter() - start
             document.cache.truncate(document.prefix_len)
             results = {"ar": Run(reference, elapsed, (len(reference) - 1) / ar_stats.decode_seconds)}
+            for budget in args.replay_budgets:
+                replays.setdefault(budget, []).append(replay_retrieval(document.datastore, question_ids, reference,
+                                                                       budget))
             for name, qa in qas.items():
                 start = time.perf_counter()
                 answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
@@ -215,6 +248,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"(decode only {rate:6.2f} tok/s, x{row['decode_speedup_vs_ar']:.2f})  "
                   f"MAL {row['mean_acceptance_length']}  draft/verify share {row['draft_share']}/"
                   f"{row['verify_share']}  identical={row['identical_to_ar']}", flush=True)
+        for budget, replayed in replays.items():
+            mal, per_forward = (statistics.median(values) for values in zip(*replayed, strict=True))
+            rows.append({"context": context, "method": "replay-retrieval", "tree_budget": budget,
+                         "mean_acceptance_length": round(mal, 3), "tokens_per_forward": round(per_forward, 3),
+                         "tokens_per_forward_per_question": [round(t, 3) for _, t in replayed]})
+            print(f"{context:6d} replay-retrieval, {budget:2d} nodes: MAL {mal:.3f}, tokens per forward "
+                  f"{per_forward:.3f} (per question {', '.join(f'{t:.2f}' for _, t in replayed)})", flush=True)
         del document, hf_cache
     result = {"benchmark": "spec", "settings": vars(args), "rows": rows}
     print(json.dumps(result))

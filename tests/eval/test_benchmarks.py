@@ -92,3 +92,17 @@ def test_bench_kvcache_reuses_a_stored_document(tmp_path):
     stored = next(p for p in tmp_path.glob("*.safetensors") if not p.name.endswith(".logits.safetensors"))
     stored.write_bytes(stored.read_bytes()[:-64])  # damaged: refused, rebuilt
     assert bench_kvcache.main(argv)["rows"][0]["document_cache"] == "built"
+
+
+def test_bench_spec_replay_matches_the_engine_at_a_fixed_budget():
+    """Replaying the retrieval drafter on the AR answer accepts what the engine accepted with the same budget
+    (the tiny model's greedy answers repeat themselves, so some drafts are accepted)."""
+    result = bench_spec.main(["--model", "tiny", "--contexts", "600", "--questions", "2", "--new-tokens", "48",
+                              "--methods", "spec-retrieval", "--budget-policies", "fixed", "--tree-budget", "4",
+                              "--replay-budgets", "1", "4"])
+    rows = {(row["method"], row.get("tree_budget")): row for row in result["rows"]}
+    engine = rows[("spec-retrieval", None)]["mean_acceptance_length"]
+    replayed = rows[("replay-retrieval", 4)]
+    assert engine > 1 and replayed["mean_acceptance_length"] == engine
+    assert 1 < replayed["tokens_per_forward"] <= engine  # steps with an empty tree count as forwards too
+    assert rows[("replay-retrieval", 1)]["mean_acceptance_length"] <= engine
