@@ -848,12 +848,9 @@ static void weigh_values(const float *probs, int64_t lanes, int64_t r0, const vo
 /* The values of 32 keys as the tiles' B operand, 16 dims a tile: vnni[(slab * 16 + pair) * 32 + 2 i + k] is
  * v[(2 pair + k) * dim + 16 slab + i], the two keys of a pair side by side. */
 static void interleave_values(const uint16_t *v, int64_t dim, uint16_t *vnni) {
-    __m512i low, high;
-    {
-        uint16_t lo_index[32], hi_index[32];
-        for (int j = 0; j < 32; j++) lo_index[j] = (uint16_t)(j / 2 + (j & 1) * 32), hi_index[j] = lo_index[j] + 16;
-        low = _mm512_loadu_si512(lo_index), high = _mm512_loadu_si512(hi_index);
-    }
+    static const uint16_t low_index[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                           8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i low = _mm512_loadu_si512(low_index), high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
     for (int64_t pair = 0; pair < 16; pair++) {
         const uint16_t *even = v + 2 * pair * dim, *odd = even + dim;
         for (int64_t d = 0; d < dim; d += 32) {
@@ -972,7 +969,6 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
     static _Thread_local void *logit_buffer, *seen_buffer, *lane_buffer;
     static _Thread_local int64_t logit_capacity, seen_capacity, lane_capacity;
     static _Thread_local float key_block[BLOCK * MAX_DIM], zeros[MAX_DIM];
-    static _Thread_local uint16_t key_tail[64 * MAX_DIM];
     static _Thread_local float row_max[MAX_ROWS], row_sum[MAX_ROWS];
     const int64_t lanes = (rows + LANES - 1) / LANES * LANES;
     float *query_t = scratch(&lane_buffer, &lane_capacity, (int64_t)sizeof(float) * lanes * (2 * dim + BLOCK));
@@ -984,39 +980,27 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
     const int amx = 0;
 #endif
     const int pairs = is_bf16 && (HAVE_BF16_DOT || amx); /* queries as bf16 pairs, keys read in place */
-    /* Keys before `open` are seen by every query; past it, seen[(t - open) * lanes + r] says (0 for padding lanes). */
-    int64_t open = length;
-    if (mask) {
-        for (int64_t n = 0; n < queries; n++) {
-            const void *hole = memchr(mask + n * mask_stride, 0, (size_t)length);
-            const int64_t first = hole ? (const uint8_t *)hole - (mask + n * mask_stride) : length;
-            open = first < open ? first : open;
-        }
-    }
-    /* Rows weigh keys [0, bound) of their values with tiles: whole 64-key blocks, ending 64 keys before a row's last
-     * key and at its first hole, so a tree node (prefix, then its ancestors) gets the bound of the decode step of its
-     * path. Lanes past the rows take the largest. */
+    /* Keys before `open` are seen by every query; past it, seen[(t - open) * lanes + r] says (0 for padding lanes).
+     * With value tiles, rows weigh keys [0, bound) of their values with them: whole 64-key blocks, ending 64 keys
+     * before a row's last key and at its first hole, so a tree node (prefix, then its ancestors) gets the bound of
+     * the decode step of its path. Lanes past the rows take the largest. */
     static _Thread_local int32_t bound[MAX_ROWS];
-    int64_t bmax = 0;
-#if HAVE_AMX_VALUES
-    if (amx && round_probs && dim % 64 == 0) {
-        for (int64_t n = 0; n < queries; n++) {
-            int64_t count = length, hole = length;
-            if (mask) {
-                const uint8_t *row = mask + n * mask_stride;
-                const void *first = memchr(row, 0, (size_t)length);
-                hole = first ? (const uint8_t *)first - row : length;
-                count = hole;
-                for (int64_t t = hole; t < length; t++) count += row[t] != 0;
-            }
-            int64_t b = count > 64 ? (count - 65) / 64 * 64 : 0;
-            b = b < hole / 64 * 64 ? b : hole / 64 * 64;
-            for (int64_t r = n; r < rows; r += queries) bound[r] = (int32_t)b;
-            bmax = b > bmax ? b : bmax;
-        }
-        for (int64_t r = rows; r < lanes; r++) bound[r] = (int32_t)bmax;
+    const int tile_values = HAVE_AMX_VALUES && amx && round_probs && dim % 64 == 0;
+    int64_t open = length, bmax = 0;
+    for (int64_t n = 0; n < queries && (mask || tile_values); n++) {
+        const uint8_t *row = mask ? mask + n * mask_stride : NULL;
+        const void *first = row ? memchr(row, 0, (size_t)length) : NULL;
+        const int64_t hole = first ? (const uint8_t *)first - row : length;
+        open = hole < open ? hole : open;
+        if (!tile_values) continue;
+        int64_t count = hole;
+        for (int64_t t = hole; t < length; t++) count += row[t] != 0;
+        int64_t b = count > 64 ? (count - 65) / 64 * 64 : 0;
+        b = b < hole / 64 * 64 ? b : hole / 64 * 64;
+        for (int64_t r = n; r < rows; r += queries) bound[r] = (int32_t)b;
+        bmax = b > bmax ? b : bmax;
     }
-#endif
+    for (int64_t r = rows; r < lanes && tile_values; r++) bound[r] = (int32_t)bmax;
     uint8_t *seen = scratch(&seen_buffer, &seen_capacity, (length - open) * lanes + 1);
     /* whole tiles of 64 keys */
     float *logits = scratch(&logit_buffer, &logit_capacity, (int64_t)sizeof(float) * ((length + 64) * lanes));
@@ -1044,8 +1028,9 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
 
         /* Pass 1: logits[t, r] = q_r . k_t * scaling (NEG_BIG where unseen), and each row's max. */
 #if HAVE_AMX
-        if (amx) configure_tiles(0);
         if (amx) { /* tiles write raw logits 64 keys at a time (zero keys past the end), then scale, mask and max */
+            static _Thread_local uint16_t key_tail[64 * MAX_DIM];
+            configure_tiles(0);
             for (int64_t start = 0; start < length; start += 64) {
                 const int64_t n = length - start < 64 ? length - start : 64;
                 const uint16_t *key_rows = (const uint16_t *)keys + base + start * dim;

@@ -338,12 +338,15 @@ def test_refined_kernel_finds_the_exact_cutoff_among_many_candidates(ties):
         assert kept == values_read and (kept == NUM_KV_HEADS * keep or ties)
 
 
-def cache_reference(query, scaling, keys, values, mask, queries):
-    """float64 softmax of each row over the keys its query sees -> [Hkv, R, D] fp32."""
+def cache_reference(query, scaling, keys, values, mask, queries, round_probs=False):
+    """float64 softmax of each row over the keys its query sees -> [Hkv, R, D] fp32; with round_probs the weights
+    of the values are rounded to bf16 (the sums are not), as the kernel's round_probs asks."""
     logits = torch.einsum("hrd,hsd->hrs", query.double(), keys.double()) * scaling
     if mask is not None:
         logits = logits.masked_fill(~mask.repeat(query.shape[1] // queries, 1)[None], -math.inf)
-    return torch.einsum("hrs,hsd->hrd", logits.softmax(-1), values.double()).float()
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()
+    rounded = weights.bfloat16().double() if round_probs else weights
+    return (torch.einsum("hrs,hsd->hrd", rounded, values.double()) / weights.sum(-1, keepdim=True)).float()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -399,16 +402,6 @@ def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path, prefix
     assert torch.equal(tree_out[:, rows], step_out)
 
 
-def rounded_reference(query, scaling, keys, values, mask, queries):
-    """cache_reference with the weights of the values rounded to bf16 (the sums are not), as round_probs asks."""
-    logits = torch.einsum("hrd,hsd->hrs", query.float(), keys.float()) * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~mask.repeat(query.shape[1] // queries, 1)[None], -math.inf)
-    weights = (logits - logits.amax(-1, keepdim=True)).exp()
-    out = torch.einsum("hrs,hsd->hrd", weights.bfloat16().double(), values.double())
-    return (out / weights.double().sum(-1, keepdim=True)).float()
-
-
 def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
     """Each way of reading bf16 caches (and the query layout it wants) gives the softmax over the keys each query
     sees, for one lane group and for several, over a length that is no whole number of tiles; with bf16 weights
@@ -424,7 +417,7 @@ def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
         expected = cache_reference(query, 0.125, keys, values, mask, queries)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
         rounded = native.cache_attention(query, 0.125, keys, values, mask, queries, round_probs=True)
-        expected = rounded_reference(query, 0.125, keys, values, mask, queries)
+        expected = cache_reference(query, 0.125, keys, values, mask, queries, round_probs=True)
         torch.testing.assert_close(rounded, expected, atol=1e-4, rtol=1e-3)
 
 
