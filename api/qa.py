@@ -26,6 +26,7 @@ from rapid.budget import BudgetPolicy
 from rapid.cache import KVCache
 from rapid.drafters import Drafter, build_drafters
 from rapid.drafters.model import DraftConfig, DrafterKV, SharedRows, layer_skip_view
+from rapid.drafters.recycle import RECYCLE_TOP_K, NextTokenTable
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.metrics import SpecStats
 from rapid.models import LoadedModel
@@ -51,6 +52,7 @@ class DocumentTooLongError(ValueError):
 class QAConfig:
     drafter: DrafterName = "self"
     fuse_retrieval: bool = True  # add the datastore's retrieval tree to a model drafter's tree
+    recycle: bool = False  # add the recycling drafter (rapid.drafters.recycle); a dense ingest keeps the top-k
     layer_skip_layers: int = 8
     draft: DraftConfig = field(default_factory=DraftConfig)
     drafter_kv: DrafterKV = "copy"
@@ -88,6 +90,7 @@ class Document:
     squeezed: SqueezedDocument | None  # or the same, clustered (attention "squeezed")
     prefix_len: int
     prefill_seconds: float = 0.0
+    next_tokens: NextTokenTable | None = None  # the target's top-k after each prefix token (QAConfig.recycle)
 
 
 @dataclass
@@ -165,14 +168,18 @@ class DocumentQA:
         report("prefill", 0.0)
         start = time.perf_counter()
         on_chunk = lambda done, total: report("prefill", done / total)  # noqa: E731
-        cache, squeezed = None, None
+        cache, squeezed, next_tokens = None, None, None
         if config.attention == "squeezed":
             squeezed, _ = squeeze_document(self.runner, prefix, config.squeeze, show_progress, on_chunk)
         else:
             cache = self.runner.new_cache(needed)
-            self.runner.prefill(cache, prefix, show_progress=show_progress, on_chunk=on_chunk)
+            if config.recycle:
+                top = self.runner.prefill_top(cache, prefix, RECYCLE_TOP_K, show_progress, on_chunk)
+                next_tokens = NextTokenTable.from_prefill(prefix, top)
+            else:
+                self.runner.prefill(cache, prefix, show_progress=show_progress, on_chunk=on_chunk)
         document = Document(text, doc_ids, chunked.chunks, index, datastore, cache, squeezed, len(prefix),
-                            prefill_seconds=time.perf_counter() - start)
+                            prefill_seconds=time.perf_counter() - start, next_tokens=next_tokens)
         report("ready", 1.0)
         return document
 
@@ -236,7 +243,8 @@ class DocumentQA:
             shared = SharedRows.from_spans(len(self.prompt.head_ids), spans, document.prefix_len)
         return build_drafters(runner, self.prompt.head_ids + rag.token_ids.tolist() + question_ids,
                               document.datastore, question_ids, use_retrieval, config.draft,
-                              options.max_new_tokens, config.tree_budget, options.sampling, shared)
+                              options.max_new_tokens, config.tree_budget, options.sampling, shared,
+                              recycle=config.recycle and config.drafter != "none", next_tokens=document.next_tokens)
 
     def decode_text(self, token_ids: list[int]) -> str:
         return self.target.tokenizer.decode(token_ids, skip_special_tokens=True)

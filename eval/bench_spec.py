@@ -8,20 +8,23 @@ document state:
   hf-early-exit transformers assisted generation with the same layer-skip drafter (`assistant_early_exit`)
   hf-lookup     transformers prompt lookup decoding (`prompt_lookup_num_tokens`)
   spec-*        our engine with each drafter (retrieval, self = RAPID's RAG self-speculation, layer-skip,
-                and fused = model drafter + retrieval tree); self and layer-skip copy their RAG context's KV
+                and fused = model drafter + retrieval tree; +recycle adds the recycling drafter, whose table
+                of the target's top-k the ingest keeps); self and layer-skip copy their RAG context's KV
                 out of the target's cache, spec-self-prefill prefills it (RAPID's original drafter)
 transformers methods get the document prefilled into a DynamicCache too. `tokens_per_s` covers one
 question end to end after ingest (question prefill, retrieval, the drafter's prefill on its RAG context,
 decoding); `decode_tokens_per_s` counts from the first answer token to the last. Contexts past the
-native 8K use YaRN. Outputs are
-checked token for token against `ar`. `--replay-budgets` also replays the retrieval drafter on each AR
-answer at each tree budget with free trees: how many tokens a step could accept at best. Last line: one JSON
-object.
+native 8K use YaRN. Outputs are checked token for token against `ar`. `--repeats R` runs every method R
+times per question, in turn, and keeps each method's median round: this machine's speed swings within
+minutes. `--replay-budgets` also replays the retrieval drafter on each AR answer at each tree budget with
+free trees: how many tokens a step could accept at best. Last line: one JSON object.
 
     python -m eval.bench_spec                               # 4K 8K 16K
     python -m eval.bench_spec --contexts 4096 --questions 1 --new-tokens 32
     python -m eval.bench_spec --contexts 32768 --methods spec-retrieval hf-lookup
     python -m eval.bench_spec --contexts 16384 --methods spec-retrieval --skip-hf --replay-budgets 2 4 8 16
+    python -m eval.bench_spec --contexts 16384 --questions 3 --dtype bfloat16 --tree-budget 4 --repeats 3 \
+        --methods spec-retrieval spec-retrieval+recycle --skip-hf
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ QUESTIONS = (
 )
 OUR_METHODS = {
     "spec-retrieval": dict(drafter="retrieval"),
+    "spec-retrieval+recycle": dict(drafter="retrieval", recycle=True),
     "spec-self": dict(drafter="self", fuse_retrieval=False),
     "spec-self-prefill": dict(drafter="self", fuse_retrieval=False, drafter_kv="prefill"),
     "spec-self+retrieval": dict(drafter="self", fuse_retrieval=True),
@@ -141,6 +145,14 @@ def replay_retrieval(datastore, question_ids: list[int], reference: list[int], b
     return 1 + accepted / drafts if drafts else 1.0, 1 + accepted / steps
 
 
+def median_run(rounds: list[Run], reference: list[int]) -> Run:
+    """The round of median end-to-end time (the slower middle one for an even count); identical only if every
+    round's tokens equal `reference`."""
+    run = sorted(rounds, key=lambda r: r.seconds)[len(rounds) // 2]
+    run.identical = all(r.tokens == reference for r in rounds)
+    return run
+
+
 def decode_rate(num_tokens: int, first: float, last: float) -> float:
     """Tokens per second after the first token (prefills excluded)."""
     return (num_tokens - 1) / (last - first) if num_tokens > 1 and last > first else float("nan")
@@ -156,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="bf16 trees cost far less than fp32 ones on this CPU; their rows equal one-token "
                              "steps bit for bit (rapid.cache.KV_BLOCK)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds per question, every method once per round; each method's median round counts")
     parser.add_argument("--tree-budget", type=int, default=16)
     parser.add_argument("--budget-policies", nargs="+", default=["cost"], choices=["fixed", "acceptance", "cost"],
                         help="how each step's tree is sized (rapid.budget); each of our methods runs once per policy, "
@@ -169,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also replay the retrieval drafter on each AR answer at these tree budgets, trees free: "
                              "the mean acceptance length a retrieval run could reach (rows replay-retrieval)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     wanted = set(args.methods or [*OUR_METHODS, *HF_METHODS]) - (set(HF_METHODS) if args.skip_hf else set())
     hf_methods = [name for name in HF_METHODS if name in wanted]
     torch.set_num_threads(args.threads)
@@ -180,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         lm = load_model(ModelSpec(args.model, device="cpu", dtype=args.dtype, rope_scaling=scaling))
         base = dict(tree_budget=args.tree_budget, layer_skip_layers=args.layer_skip_layers,
                     answer_reserve=max(args.new_tokens, 256))
-        ar_qa = DocumentQA(lm, embedder, QAConfig(drafter="none", **base))
+        recycle = any(OUR_METHODS[name].get("recycle") for name in wanted if name in OUR_METHODS)
+        ar_qa = DocumentQA(lm, embedder, QAConfig(drafter="none", recycle=recycle, **base))
         start = time.perf_counter()
         document = ar_qa.ingest(document_text(lm.tokenizer, context, args.title))
         ingest_seconds = time.perf_counter() - start
@@ -197,30 +214,33 @@ def main(argv: list[str] | None = None) -> dict:
         for question in QUESTIONS[: args.questions]:
             question_ids = ar_qa.prompt.question_ids(question)
             gen_config = GenerationConfig(max_new_tokens=args.new_tokens, stop_token_ids=tuple(stop))
-            start = time.perf_counter()
-            ar_stats = GenerationStats()
-            reference = list(generate(ar_qa.runner, question_ids, gen_config, ar_stats, cache=document.cache))
-            elapsed = time.perf_counter() - start
-            document.cache.truncate(document.prefix_len)
-            results = {"ar": Run(reference, elapsed, (len(reference) - 1) / ar_stats.decode_seconds)}
+            rounds: dict[str, list[Run]] = {}
+            for _ in range(args.repeats):  # every method once per round, so a slow spell hits them all
+                start = time.perf_counter()
+                ar_stats = GenerationStats()
+                tokens = list(generate(ar_qa.runner, question_ids, gen_config, ar_stats, cache=document.cache))
+                elapsed = time.perf_counter() - start
+                document.cache.truncate(document.prefix_len)
+                rounds.setdefault("ar", []).append(Run(tokens, elapsed, (len(tokens) - 1) / ar_stats.decode_seconds))
+                for name, qa in qas.items():
+                    start = time.perf_counter()
+                    answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
+                    out = [t for chunk in answer.tokens for t in chunk]
+                    rounds.setdefault(name, []).append(Run.of_answer(out, time.perf_counter() - start, answer.stats))
+                if hf_cache is not None:
+                    lm.model.config._attn_implementation = "sdpa"
+                    full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
+                    for name in hf_methods:
+                        out, seconds, rate = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
+                                                       args.layer_skip_layers)
+                        rounds.setdefault(name, []).append(Run(out, seconds, rate))
+                    lm.model.config._attn_implementation = "rapid"
+            reference = rounds["ar"][0].tokens
             for budget in args.replay_budgets:
                 replays.setdefault(budget, []).append(replay_retrieval(document.datastore, question_ids, reference,
                                                                        budget))
-            for name, qa in qas.items():
-                start = time.perf_counter()
-                answer = qa.ask(document, question, AskOptions(max_new_tokens=args.new_tokens))
-                out = [t for chunk in answer.tokens for t in chunk]
-                results[name] = Run.of_answer(out, time.perf_counter() - start, answer.stats)
-            if hf_cache is not None:
-                lm.model.config._attn_implementation = "sdpa"
-                full_ids = ar_qa.prompt.head_ids + document.token_ids.tolist() + question_ids
-                for name in hf_methods:
-                    out, seconds, rate = hf_answer(lm.model, name, hf_cache, full_ids, args.new_tokens, stop,
-                                                   args.layer_skip_layers)
-                    results[name] = Run(out, seconds, rate)
-                lm.model.config._attn_implementation = "rapid"
+            results = {name: median_run(method_rounds, reference) for name, method_rounds in rounds.items()}
             for name, run in results.items():
-                run.identical = run.tokens == reference
                 runs.setdefault(name, []).append(run)
             print(f"  {context} tokens | {question[:40]!r}: " + ", ".join(
                 f"{n} {run.tokens_per_s:.1f} tok/s" for n, run in results.items()), flush=True)

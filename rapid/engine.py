@@ -1,10 +1,11 @@
 """The speculative decoding loop: draft, fuse, verify, commit, emit.
 
 The target holds the full long context in its cache (the document, then the question); drafters read
-their own cheap views (the RAG context, the token datastore). Each step the drafters propose trees
-rooted at the last committed token, the trees are pruned and fused into one, the target scores every
-node in one forward, the accepted path's KV is kept and the rest dropped, and the accepted tokens plus
-the target's bonus token are emitted.
+their own cheap views (the RAG context, the token datastore, the target's own earlier predictions). Each
+step the drafters propose trees rooted at the last committed token, the trees are pruned and fused into
+one, the target scores every node in one forward, the accepted path's KV is kept and the rest dropped,
+the drafters see the target's logits (the recycling drafter learns from them), and the accepted tokens
+plus the target's bonus token are emitted.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class SpeculativeEngine:
             logits = self._verify(cache, tree, stats)
             acceptance = accept(tree, logits, config.verify, gen)
             self._commit(cache, acceptance, stats)
+            self._observe(drafters, tree, logits, acceptance, stats)
             budget.observe(tree.num_drafted(), max(tree.depths()), acceptance.num_accepted,
                            time.perf_counter() - step_start)
             new_tokens = self._emit([tree.tokens[i] for i in acceptance.path[1:]] + [acceptance.bonus], emitted)
@@ -104,7 +106,7 @@ class SpeculativeEngine:
     def _draft(self, drafters: list[Drafter], new_tokens: list[int], stats: SpecStats, budget: int) -> TokenTree:
         trees, distributions = [], {}
         for drafter in drafters:
-            with _timed(stats, drafter.kind):
+            with _timed(stats, "retrieval" if drafter.kind == "retrieval" else "draft"):
                 tree = drafter.propose(new_tokens, budget)
                 if drafter.kind == "retrieval":
                     tree = prune(tree, distributions, self.config.prune_threshold)
@@ -120,6 +122,12 @@ class SpeculativeEngine:
             self._tree_start = cache.length
             depths = torch.tensor(tree.depths())
             return self.runner.score_tree(cache, torch.tensor(tree.tokens), depths, tree.ancestor_mask())
+
+    def _observe(self, drafters: list[Drafter], tree: TokenTree, logits: torch.Tensor, acceptance: Acceptance,
+                 stats: SpecStats) -> None:
+        for drafter in drafters:
+            with _timed(stats, "retrieval" if drafter.kind == "retrieval" else "draft"):
+                drafter.observe(tree, logits, acceptance.path)
 
     def _commit(self, cache: KVCache, acceptance: Acceptance, stats: SpecStats) -> None:
         with _timed(stats, "commit"):

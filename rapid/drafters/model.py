@@ -100,6 +100,9 @@ class ModelDrafter:
         self.cache = self.runner.new_cache(len(self.context_ids) + self.capacity)
         self.runner.prefill(self.cache, self.context_ids)
 
+    def observe(self, tree: TokenTree, logits: torch.Tensor, path: list[int]) -> None:
+        pass
+
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:
         root_logits = self.runner.prefill(self.cache, new_tokens)
         base = self.cache.length

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rapid.tree import SOURCE_RETRIEVAL, TokenTree, trim
 from retrieval.datastore import TokenDatastore
 
@@ -33,6 +35,9 @@ class RetrievalDrafter:
         self.recent = list(query_ids)  # what follows the document, then the answer so far
 
     def start(self, target_cache=None) -> None:
+        pass
+
+    def observe(self, tree: TokenTree, logits: torch.Tensor, path: list[int]) -> None:
         pass
 
     def propose(self, new_tokens: list[int], budget: int) -> TokenTree:

@@ -70,6 +70,18 @@ def test_bench_spec_names_methods_per_budget_policy():
     assert {row["method"] for row in result["rows"]} == {"ar", "spec-retrieval@fixed", "spec-retrieval@cost"}
 
 
+def test_bench_spec_repeats_rounds_and_keeps_each_methods_median_one():
+    result = bench_spec.main(["--model", "tiny", "--contexts", "600", "--questions", "1", "--new-tokens", "5",
+                              "--methods", "spec-retrieval+recycle", "--repeats", "2"])
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == {"ar", "spec-retrieval+recycle"} and rows["spec-retrieval+recycle"]["identical_to_ar"]
+    assert rows["ar"]["new_tokens"] == 5  # one question: its median round, not both rounds
+    runs = [bench_spec.Run([1, 2], seconds, 1.0) for seconds in (3.0, 1.0, 2.0)]
+    assert bench_spec.median_run(runs, [1, 2]).seconds == 2.0
+    runs[0].tokens = [1, 3]
+    assert not bench_spec.median_run(runs, [1, 2]).identical  # one round off is enough
+
+
 def test_bench_tree_times_every_node_count():
     from eval import bench_tree
 

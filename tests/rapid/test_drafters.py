@@ -1,5 +1,10 @@
+import pytest
+import torch
+
+from rapid.drafters.recycle import NextTokenTable, RecycleDrafter
 from rapid.drafters.retrieval import RetrievalDrafter
-from rapid.tree import SOURCE_RETRIEVAL
+from rapid.runner import TopTokens
+from rapid.tree import SOURCE_DRAFT, SOURCE_RETRIEVAL
 from retrieval.datastore import TokenDatastore
 
 
@@ -31,3 +36,53 @@ def test_retrieval_drafter_copies_from_the_document_and_its_own_answer():
     assert (121, 122) in {path[:2] for path in paths(drafter.propose([119, 120], budget=8))}
     drafter.propose([50, 51, 52, 53], budget=8)
     assert (52, 53) in {path[:2] for path in paths(drafter.propose([50, 51], budget=8))}
+
+
+def table_of(rows: dict[tuple[int, int], list[tuple[int, float]]]) -> NextTokenTable:
+    table = NextTokenTable()
+    for (prev, token), row in rows.items():
+        table.update([prev], [token], [[t for t, _ in row]], [[p for _, p in row]])
+    return table
+
+
+def test_next_token_table_prefers_the_pair_then_the_latest_single_then_its_base():
+    top = TopTokens(torch.tensor([[1, 2], [3, 4], [7, 8]], dtype=torch.int32),
+                    torch.tensor([[0.5, 0.2], [0.6, 0.1], [0.9, 0.05]]))
+    document = NextTokenTable.from_prefill([5, 6, 5], top)  # keys (-1, 5), (5, 6), (6, 5)
+    assert document.get(-1, 5)[0] == (1, 2) and document.get(6, 5)[0] == (7, 8)
+    assert document.get(9, 5)[0] == (7, 8)  # no pair (9, 5): the last row after 5
+    assert document.get(9, 4) is None
+    request = NextTokenTable(base=document)
+    request.update([9], [5], [[11]], [[0.3]])
+    assert request.get(6, 5)[0] == (7, 8)  # the document's pair beats the request's single
+    assert request.get(2, 5)[0] == (11,) and document.get(2, 5)[0] == (7, 8)  # the document is never written
+    with pytest.raises(ValueError, match="rows of next tokens"):
+        NextTokenTable.from_prefill([5, 6], top)
+
+
+def test_recycle_drafter_grows_the_most_probable_paths_first():
+    table = table_of({(1, 2): [(3, 0.6), (4, 0.3)], (2, 3): [(5, 0.5)], (2, 4): [(6, 0.9)], (3, 5): [(7, 0.9)]})
+    drafter = RecycleDrafter([1], table)
+    tree = drafter.propose([2], budget=3)
+    # candidates by path probability: 3 (.6), then 5 (.3) and 4 (.3, pushed first), then 7 (.27) and 6 (.27)
+    assert paths(tree) == {(3,), (4,), (3, 5)}
+    assert tree.scores[1:] == pytest.approx([0.6, 0.3, 0.3])
+    assert all(source == SOURCE_DRAFT for source in tree.sources[1:])
+    assert len(drafter.propose([9], budget=3)) == 1  # nothing known after 9: an empty tree
+
+
+def test_recycle_drafter_learns_the_accepted_path_last():
+    """Two nodes of a tree end in token 3: the row after the one on the accepted path is the one kept for 3."""
+    drafter = RecycleDrafter([1], k=1)
+    tree = drafter.propose([2], budget=4)  # nothing known yet: build the tree by hand
+    three, four = tree.add(0, 3, 1.0, SOURCE_DRAFT), tree.add(0, 4, 1.0, SOURCE_DRAFT)
+    tree.add(four, 3, 1.0, SOURCE_DRAFT), tree.add(three, 5, 1.0, SOURCE_DRAFT)
+    logits = torch.full((5, 10), -9.0)
+    for node, best in enumerate([3, 5, 1, 6, 8]):
+        logits[node, best] = 0.0
+    drafter.observe(tree, logits, path=[0, 1, 4])  # root 2 -> 3 -> 5 accepted; 4 and the 3 after it rejected
+    assert drafter.table.get(1, 2)[0] == (3,) and drafter.table.get(3, 5)[0] == (8,)
+    assert drafter.table.get(2, 4)[0] == (1,) and drafter.table.get(4, 3)[0] == (6,)  # rejected rows are kept too
+    assert drafter.table.get(2, 3)[0] == (5,)
+    assert drafter.table.get(7, 3)[0] == (5,)  # no pair (7, 3): the accepted 3's row, though node 3 came later
+    assert drafter.table.get(1, 2)[1][0] == pytest.approx(1 / (1 + 9 * torch.exp(torch.tensor(-9.0)).item()))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rapid.drafters.model import DraftConfig, ModelDrafter, SharedRows, layer_skip_view
+from rapid.drafters.recycle import NextTokenTable, RecycleDrafter
 from rapid.drafters.retrieval import RetrievalDrafter
 from rapid.engine import EngineConfig, SpeculativeEngine
 from rapid.generate import GenerationConfig, generate_all
@@ -50,11 +51,20 @@ def drafters_for(name, runner, tiny, document, question, datastore, shape):
         return [RetrievalDrafter(datastore, question)]
     if name == "fused":
         return [ModelDrafter(runner, rag, 64, shape, SamplingConfig()), RetrievalDrafter(datastore, question)]
+    if name == "recycle":  # seeded with the target's top-k over the document, as an ingest keeps it
+        return [RecycleDrafter(question, document_table(runner, document))]
+    if name == "recycle+retrieval":
+        return [RetrievalDrafter(datastore, question), RecycleDrafter(question, document_table(runner, document))]
     raise ValueError(name)
 
 
+def document_table(runner, document):
+    return NextTokenTable.from_prefill(document, runner.prefill_top(runner.new_cache(len(document)), document, k=4))
+
+
 @pytest.mark.parametrize("shape", [CHAIN, TREE], ids=["chain", "tree"])
-@pytest.mark.parametrize("name", ["self", "layer-skip", "self-shared", "layer-skip-shared", "retrieval", "fused"])
+@pytest.mark.parametrize("name", ["self", "layer-skip", "self-shared", "layer-skip-shared", "retrieval", "fused",
+                                  "recycle", "recycle+retrieval"])
 def test_greedy_output_equals_the_target(tiny, tiny_runner, workload, name, shape):
     document, question, reference, datastore = workload
     drafters = drafters_for(name, tiny_runner, tiny, document, question, datastore, shape)
@@ -85,6 +95,16 @@ def test_retrieval_drafts_are_accepted_when_the_answer_is_in_the_document(tiny_r
                             EngineConfig(max_new_tokens=30))
     assert out == reference
     assert stats.mean_acceptance_length > 2
+
+
+def test_the_recycling_drafter_learns_every_committed_token_and_its_repeats_get_accepted(tiny_runner, workload):
+    document, question, reference, _ = workload
+    drafter = RecycleDrafter(question)  # no document table: only what this request's forwards show it
+    out, stats = run_engine(tiny_runner, document + question, [drafter], EngineConfig(max_new_tokens=30))
+    assert out == reference
+    committed = [question[-1], *out[:-1]]  # each was a step's root or an accepted node; the last is a bonus
+    assert all((prev, token) in drafter.table.pairs for prev, token in zip(committed, committed[1:], strict=False))
+    assert stats.num_accepted_tokens > 0  # the answer repeats 33: the target's row after 33 drafts it
 
 
 def test_stop_tokens_and_max_new_tokens(tiny_runner, workload):
