@@ -20,8 +20,8 @@ def answer_question(args, settings: Settings, text: str, question: str, out=sys.
 
     max_tokens = args.max_tokens or settings.default_max_tokens
     lm = load_model(model_spec(args, settings), cache_dir=settings.cache_dir)
-    config = QAConfig(drafter=args.drafter, fuse_retrieval=not args.no_fusion, tree_budget=args.tree_budget,
-                      layer_skip_layers=args.layer_skip_layers, attention=args.attention,
+    config = QAConfig(drafter=args.drafter, fuse_retrieval=not args.no_fusion, recycle=args.recycle,
+                      tree_budget=args.tree_budget, layer_skip_layers=args.layer_skip_layers, attention=args.attention,
                       answer_reserve=max(1024, max_tokens))
     qa = DocumentQA(lm, Embedder(), config, prefill_chunk=settings.prefill_chunk)
     print(f"ingesting {len(text)} characters ...", file=sys.stderr)
@@ -36,7 +36,8 @@ def answer_question(args, settings: Settings, text: str, question: str, out=sys.
         out.flush()
     out.write(detok.flush() + "\n")
     stats = answer.stats
-    print(f"[{stats.num_emitted_tokens} tokens at {stats.tokens_per_second:.1f} tok/s; drafter {args.drafter}; "
+    print(f"[{stats.num_emitted_tokens} tokens at {stats.tokens_per_second:.1f} tok/s; drafter {args.drafter}"
+          f"{' + recycling' if args.recycle else ''}; "
           f"mean acceptance length {stats.mean_acceptance_length:.2f}; acceptance rate {stats.acceptance_rate:.2f}; "
           f"RAG context {answer.rag_tokens} tokens]", file=sys.stderr)
     for span in answer.citations[:5]:

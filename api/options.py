@@ -28,6 +28,9 @@ def add_speculation_options(parser: argparse.ArgumentParser) -> None:
                         help="who drafts: nobody (plain decoding), the datastore only, the target on the RAG "
                              "context (RAPID), or the target's first layers")
     parser.add_argument("--no-fusion", action="store_true", help="do not fuse the retrieval tree with the drafter's")
+    parser.add_argument("--recycle", action="store_true",
+                        help="also draft from the target's own earlier predictions (its top-8 after each document "
+                             "token, kept by the ingest prefill, then after each verified token)")
     parser.add_argument("--layer-skip-layers", type=int, default=8)
     parser.add_argument("--tree-budget", type=int, default=16, help="drafted nodes per step, at most")
     parser.add_argument("--attention", choices=["dense", "squeezed"], default="dense",

@@ -65,6 +65,10 @@ def test_in_process_on_the_tiny_model(tmp_path, capsys):
     assert run(["ask", doc_id, "What does the mill grind?", "--max-tokens", "4"], settings) == 0
     assert "target read the document" in capsys.readouterr().err
 
+    assert run(["ask", "--file", str(document), "What does the mill grind?", "--max-tokens", "4", "--drafter",
+                "retrieval", "--recycle"], settings) == 0  # this process: ingest, then answer
+    assert "drafter retrieval + recycling" in capsys.readouterr().err
+
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"text": "A short text to summarize."}) + "\n" + "{broken\n")
     out = tmp_path / "out.jsonl"
