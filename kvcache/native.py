@@ -11,7 +11,9 @@ first, then exp and values in cache order (AMX tiles for the logits and for the 
 where the CPU has them), so a tree node's bits equal the decode step's of its path. One layer of the default
 model at 16K keys (9 heads, 1 thread, interleaved medians of 21): 2.9 ms for one query and 7.9 for 16, against
 2.9 and 12.7 for SDPA and 2.2 and 9.3 with the values weighed by FMAs alone (tiles cost a lone decode step more
-than they save it).
+than they save it). Without value tiles, where vdpbf16ps adds a pair's products in order, the values are weighed
+two keys per instruction with the FMAs' sums (`value_pairs_supported`): at 16K a 5-query tree's attention over 30
+layers took 32.1 ms against 38.0 with FMAs, and a whole 5-query forward as long as a decode step.
 
 The library is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for this CPU
 (-march=native) into ~/.cache/rapid/kernels (`RAPID_KERNEL_DIR`), keyed by source, flags, compiler and
@@ -129,6 +131,7 @@ def load() -> ctypes.CDLL | None:
         *pointers[:2],
         ctypes.c_int,
         ctypes.c_int,
+        ctypes.c_int,
         *sizes,
         _INT64,
         _INT64,
@@ -136,6 +139,8 @@ def load() -> ctypes.CDLL | None:
         _INT64,
         _POINTER,
     ]
+    library.value_pairs_supported.restype = ctypes.c_int
+    library.value_pairs_supported.argtypes = []
     library.rest_estimate.restype = ctypes.c_int
     library.rest_estimate.argtypes = [*pointers, _POINTER, ctypes.c_int, *sizes, _INT64, ctypes.c_float, _POINTER,
                                       _POINTER]
@@ -370,6 +375,13 @@ def weighted_means(weights: Tensor, means: Tensor, skip_below: float = 1e-8) -> 
     return out
 
 
+def value_pairs_supported() -> bool:
+    """Whether cache_attention weighs bf16 values two keys per vdpbf16ps here (same sums as FMAs, half the
+    instructions): the CPU has AVX512-BF16 and its pairs add in order."""
+    library = load()
+    return library is not None and bool(library.value_pairs_supported())
+
+
 def cache_attention(
     query: Tensor,  # [Hkv, G*N, D], rows g*N + n (converted to the dtype of keys)
     scaling: float,
@@ -378,6 +390,7 @@ def cache_attention(
     mask: Tensor | None,  # [N, S] bool, True = query n sees key t; None = every query sees every key
     queries: int,  # N
     round_probs: bool = False,
+    value_pairs: bool = True,  # False: weigh the values by FMAs even where bf16 pairs sum the same (for tests)
 ) -> Tensor:  # [Hkv, G*N, D] fp32
     """Exact attention of a few rows over a whole cache (cache_attention in csrc/range_attention.c). A row's bits
     depend only on the keys it sees, in cache order: a tree node gets exactly what the decode step of its path gets."""
@@ -394,7 +407,7 @@ def cache_attention(
     out = torch.empty(num_kv_heads, rows, dim)
     status = library.cache_attention(
         query.data_ptr(), scaling, keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.bfloat16),
-        int(round_probs), keys.stride(0), num_kv_heads, rows, queries, length, dim,
+        int(round_probs), int(value_pairs), keys.stride(0), num_kv_heads, rows, queries, length, dim,
         None if mask is None else mask.data_ptr(), length, out.data_ptr(),
     )  # fmt: skip
     if status == -2:

@@ -604,7 +604,9 @@ int refined_attention(const float *query, const void *keys, const void *values, 
  * step of its path gets, and in bf16 the speculative engine's output equals plain decoding.
  * Pass 1 puts rows on the vector lanes, LANES at a time: with AMX one tile product scores 16 keys (a logit is a
  * dot product over the dims, so it stays a function of its own query and key), else 4 keys a step with
- * AVX512-BF16 pairs or fp32 FMAs. Pass 2 puts the dims on the lanes: a row costs dim/16 FMAs per key. With AMX
+ * AVX512-BF16 pairs or fp32 FMAs. Pass 2 puts the dims on the lanes: a row costs dim/16 FMAs per key, or half as
+ * many vdpbf16ps where that instruction adds a pair's two products in order (the same sums; `pairs_allowed` = 0
+ * keeps the FMAs). With AMX
  * and bf16 probabilities, tiles weigh the values of a row's first keys, in whole 64-key blocks up to a bound
  * set by how many keys the row sees (and its first hole): tiles add keys in pairs, so the pairs must be the
  * same ones in a tree node and in the decode step of its path, and a node sees the prefix unbroken, then its
@@ -841,6 +843,80 @@ static void weigh_values(const float *probs, int64_t lanes, int64_t r0, const vo
     }
 }
 
+#if HAVE_BF16_DOT
+/* Whether vdpbf16ps adds its two products one after the other, the odd (high) slot first, each add rounded: then
+ * a pair of keys (earlier key in the high slot) sums exactly as two FMAs in cache order. The SDM specifies that
+ * order; a CPU that fuses the two adds (caught by the first probe) or takes the low slot first (the second) keeps
+ * the FMA path. Checked once per process. */
+static int bf16_pairs_in_order(void) {
+    static int known = -1;
+    if (known < 0) {
+        volatile uint32_t tiny = 0x39803980u, mixed = 0xBF803980u, ones = 0x3F803980u; /* 2^-12 | 2^-12 etc. */
+        const __m512 one = _mm512_set1_ps(1.0f);
+        /* 1 + 2^-24 + 2^-24: 1 when each add rounds (ties to even), 1 + 2^-23 when fused */
+        const __m512 a = _mm512_dpbf16_ps(one, (__m512bh)_mm512_set1_epi32((int)tiny),
+                                          (__m512bh)_mm512_set1_epi32((int)tiny));
+        /* 1 + (-1 * 1) + 2^-24: 2^-24 high slot first, 0 low slot first */
+        const __m512 b = _mm512_dpbf16_ps(one, (__m512bh)_mm512_set1_epi32((int)mixed),
+                                          (__m512bh)_mm512_set1_epi32((int)ones));
+        known = _mm512_cvtss_f32(a) == 1.0f && _mm512_cvtss_f32(b) == 0x1p-24f;
+    }
+    return known;
+}
+
+/* weigh_values for every row at once from bf16 pairs of keys (round_probs: the probabilities are bf16 already):
+ * per pair (j, j+1), one vdpbf16ps adds p[j] v[j] and then p[j+1] v[j+1] to 16 dims of a row, half the
+ * instructions of two FMAs and with the same sums (bf16_pairs_in_order). The pairs are built once per block,
+ * not once per group of 4 rows: values as [pairs, dim] (v[j] high, v[j+1] low), probabilities as [pairs, lanes]. */
+static void weigh_value_pairs(const float *probs, int64_t lanes, int64_t rows, const uint16_t *v, int64_t n,
+                              int64_t dim, float *acc) {
+    static _Thread_local uint32_t value_pairs[BLOCK / 2 * MAX_DIM], prob_pairs[BLOCK / 2 * MAX_ROWS];
+    const int64_t count = (n + 1) / 2;
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t i = 0; i < count; i++) {
+        const int second = 2 * i + 1 < n;
+        for (int64_t l = 0; l < lanes; l += LANES) {
+            const __m512i first = _mm512_and_si512(_mm512_loadu_si512(probs + 2 * i * lanes + l), high);
+            const __m512i next = second ? _mm512_srli_epi32(_mm512_loadu_si512(probs + (2 * i + 1) * lanes + l), 16)
+                                        : _mm512_setzero_si512();
+            _mm512_storeu_si512(prob_pairs + i * lanes + l, _mm512_or_si512(first, next));
+        }
+        for (int64_t d = 0; d < dim; d += 16) {
+            const __m512i first = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 2 * i * dim + d)));
+            const __m512i next = second ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                              (const __m256i *)(v + (2 * i + 1) * dim + d)))
+                                        : _mm512_setzero_si512();
+            _mm512_storeu_si512(value_pairs + i * dim + d, _mm512_or_si512(_mm512_slli_epi32(first, 16), next));
+        }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += 4)
+        for (int64_t d0 = 0; d0 < dim; d0 += 64) { /* 4 rows x 64 dims of accumulators in registers */
+            __m512 a[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int w = 0; w < 4; w++) a[r][w] = _mm512_loadu_ps(acc + (r0 + r) * dim + d0 + 16 * w);
+            for (int64_t i = 0; i < count; i++) {
+                __m512bh x[4];
+                for (int w = 0; w < 4; w++) x[w] = (__m512bh)_mm512_loadu_si512(value_pairs + i * dim + d0 + 16 * w);
+                for (int r = 0; r < 4; r++) {
+                    const __m512bh p = (__m512bh)_mm512_set1_epi32((int)prob_pairs[i * lanes + r0 + r]);
+                    for (int w = 0; w < 4; w++) a[r][w] = _mm512_dpbf16_ps(a[r][w], p, x[w]);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                for (int w = 0; w < 4; w++) _mm512_storeu_ps(acc + (r0 + r) * dim + d0 + 16 * w, a[r][w]);
+        }
+}
+#endif
+
+/* 1 where cache_attention weighs bf16 values by pairs of keys (weigh_value_pairs), else 0. */
+int value_pairs_supported(void) {
+#if HAVE_BF16_DOT
+    return bf16_pairs_in_order();
+#else
+    return 0;
+#endif
+}
+
 #if HAVE_AMX && defined(__AVX512BW__)
 #define HAVE_AMX_VALUES 1
 #define SPAN 128 /* keys whose values are interleaved at a time, for every lane group */
@@ -963,7 +1039,7 @@ static void values_prefix_amx(float *logits, int64_t lanes, int64_t rows, const 
 #endif
 
 int cache_attention(const void *query, float scaling, const void *keys, const void *values, int is_bf16,
-                    int round_probs, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
+                    int round_probs, int pairs_allowed, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
                     int64_t length, int64_t dim, const uint8_t *mask, int64_t mask_stride, float *out) {
     if (rows > MAX_ROWS || dim > MAX_DIM || dim % 8 || queries < 1 || rows % queries) return -1;
     static _Thread_local void *logit_buffer, *seen_buffer, *lane_buffer;
@@ -986,6 +1062,10 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
      * the decode step of its path. Lanes past the rows take the largest. */
     static _Thread_local int32_t bound[MAX_ROWS];
     const int tile_values = HAVE_AMX_VALUES && amx && round_probs && dim % 64 == 0;
+#if HAVE_BF16_DOT
+    /* with value tiles, keys past a row's bound must sum as the tiles' prefix code expects: FMAs (weigh_values) */
+    const int value_pairs = pairs_allowed && is_bf16 && round_probs && !tile_values && dim % 64 == 0 && bf16_pairs_in_order();
+#endif
     int64_t open = length, bmax = 0;
     for (int64_t n = 0; n < queries && (mask || tile_values); n++) {
         const uint8_t *row = mask ? mask + n * mask_stride : NULL;
@@ -1086,6 +1166,12 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
             const void *v = is_bf16 ? (const void *)((const uint16_t *)values + base + start * dim)
                                     : (const void *)((const float *)values + base + start * dim);
             key_probs(logits + start * lanes, n, lanes, row_max, row_sum, round_probs, probs);
+#if HAVE_BF16_DOT
+            if (value_pairs) {
+                weigh_value_pairs(probs, lanes, rows, (const uint16_t *)v, n, dim, acc);
+                continue;
+            }
+#endif
             for (int64_t r0 = 0; r0 < rows; r0 += 4) weigh_values(probs, lanes, r0, v, is_bf16, n, dim, acc);
         }
         float *o = out + h * rows * dim;

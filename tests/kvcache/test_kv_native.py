@@ -421,6 +421,23 @@ def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
         torch.testing.assert_close(rounded, expected, atol=1e-4, rtol=1e-3)
 
 
+def test_cache_kernel_value_pairs_sum_as_fmas():
+    """Where the CPU's vdpbf16ps adds a pair's products in order, weighing bf16 values by pairs of keys gives the
+    FMA path's bits: one lane group and several, a masked tree, an odd length."""
+    if not native.value_pairs_supported():
+        pytest.skip("this CPU has no in-order vdpbf16ps")
+    generator = torch.Generator().manual_seed(11)
+    for queries in (1, 5, 9):
+        query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
+        keys, values = torch.randn(2, NUM_KV_HEADS, 333, HEAD_DIM, generator=generator).bfloat16()
+        mask = torch.rand(queries, 333, generator=generator) > 0.4
+        mask[:, :200] = True
+        args = (query, 0.125, keys, values, None if queries == 1 else mask, queries)
+        pairs = native.cache_attention(*args, round_probs=True)
+        fmas = native.cache_attention(*args, round_probs=True, value_pairs=False)
+        assert torch.equal(pairs, fmas)
+
+
 def test_cache_kernel_gives_zeros_to_a_row_that_sees_nothing():
     keys = torch.randn(NUM_KV_HEADS, 20, HEAD_DIM)
     mask = torch.ones(2, 20, dtype=torch.bool)
