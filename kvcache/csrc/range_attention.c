@@ -1039,8 +1039,9 @@ static void values_prefix_amx(float *logits, int64_t lanes, int64_t rows, const 
 #endif
 
 int cache_attention(const void *query, float scaling, const void *keys, const void *values, int is_bf16,
-                    int round_probs, int pairs_allowed, int64_t head_stride, int64_t num_kv_heads, int64_t rows, int64_t queries,
-                    int64_t length, int64_t dim, const uint8_t *mask, int64_t mask_stride, float *out) {
+                    int round_probs, int pairs_allowed, int64_t head_stride, int64_t num_kv_heads, int64_t rows,
+                    int64_t queries, int64_t length, int64_t dim, const uint8_t *mask, int64_t mask_stride,
+                    float *out) {
     if (rows > MAX_ROWS || dim > MAX_DIM || dim % 8 || queries < 1 || rows % queries) return -1;
     static _Thread_local void *logit_buffer, *seen_buffer, *lane_buffer;
     static _Thread_local int64_t logit_capacity, seen_capacity, lane_capacity;
@@ -1064,7 +1065,8 @@ int cache_attention(const void *query, float scaling, const void *keys, const vo
     const int tile_values = HAVE_AMX_VALUES && amx && round_probs && dim % 64 == 0;
 #if HAVE_BF16_DOT
     /* with value tiles, keys past a row's bound must sum as the tiles' prefix code expects: FMAs (weigh_values) */
-    const int value_pairs = pairs_allowed && is_bf16 && round_probs && !tile_values && dim % 64 == 0 && bf16_pairs_in_order();
+    const int value_pairs = pairs_allowed && is_bf16 && round_probs && !tile_values && dim % 64 == 0 &&
+                            bf16_pairs_in_order();
 #endif
     int64_t open = length, bmax = 0;
     for (int64_t n = 0; n < queries && (mask || tile_values); n++) {
