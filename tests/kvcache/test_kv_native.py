@@ -402,16 +402,23 @@ def test_cache_kernel_rows_depend_only_on_the_keys_they_see(scoring_path, prefix
     assert torch.equal(tree_out[:, rows], step_out)
 
 
+def random_bf16_case(generator, queries, length, hidden, seen_by_all):
+    """bf16 query rows (3 heads per kv head), keys and values over `length` keys, and a mask that hides about a
+    `hidden` share of the keys past the first `seen_by_all`."""
+    query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
+    keys, values = torch.randn(2, NUM_KV_HEADS, length, HEAD_DIM, generator=generator).bfloat16()
+    mask = torch.rand(queries, length, generator=generator) > hidden
+    mask[:, :seen_by_all] = True
+    return query, keys, values, mask
+
+
 def test_cache_kernel_scores_bf16_caches_on_every_path(scoring_path):
     """Each way of reading bf16 caches (and the query layout it wants) gives the softmax over the keys each query
     sees, for one lane group and for several, over a length that is no whole number of tiles; with bf16 weights
     (what the model asks for) tiles weigh the first 192 values of a row that sees every key."""
     generator = torch.Generator().manual_seed(3)
     for queries in (1, 5, 7):
-        query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
-        keys, values = torch.randn(2, NUM_KV_HEADS, 301, HEAD_DIM, generator=generator).bfloat16()
-        mask = torch.rand(queries, 301, generator=generator) > 0.3
-        mask[:, :150] = True
+        query, keys, values, mask = random_bf16_case(generator, queries, 301, 0.3, 150)
         mask[0] = True
         out = native.cache_attention(query, 0.125, keys, values, mask, queries)
         expected = cache_reference(query, 0.125, keys, values, mask, queries)
@@ -428,10 +435,7 @@ def test_cache_kernel_value_pairs_sum_as_fmas():
         pytest.skip("this CPU has no in-order vdpbf16ps")
     generator = torch.Generator().manual_seed(11)
     for queries in (1, 5, 9):
-        query = torch.randn(NUM_KV_HEADS, 3 * queries, HEAD_DIM, generator=generator).bfloat16()
-        keys, values = torch.randn(2, NUM_KV_HEADS, 333, HEAD_DIM, generator=generator).bfloat16()
-        mask = torch.rand(queries, 333, generator=generator) > 0.4
-        mask[:, :200] = True
+        query, keys, values, mask = random_bf16_case(generator, queries, 333, 0.4, 200)
         args = (query, 0.125, keys, values, None if queries == 1 else mask, queries)
         pairs = native.cache_attention(*args, round_probs=True)
         fmas = native.cache_attention(*args, round_probs=True, value_pairs=False)
