@@ -43,14 +43,14 @@ def build_drafters(runner, draft_ids: list[int], datastore, query_ids: list[int]
     shared: `SharedRows` when the drafter runs on the target's weights (self, layer-skip): it copies its
     context's KV out of the target's cache instead of prefilling `draft_ids`.
     recycle: add the recycling drafter, seeded with `next_tokens` (the document's `NextTokenTable`, or None to
-    start empty); the retrieval tree's scores are then weighted by `RECYCLE_RETRIEVAL_WEIGHT`.
+    start empty); the retrieval tree's scores are then weighted as `RECYCLE_RETRIEVAL` says.
     A sampling drafter gets its own random stream (seed + 1): drawing drafts from the verifier's stream
     would correlate proposals with acceptance tests and break exactness.
     """
     from dataclasses import replace
 
     from rapid.drafters.model import ModelDrafter, model_capacity
-    from rapid.drafters.recycle import RECYCLE_RETRIEVAL_WEIGHT, RecycleDrafter
+    from rapid.drafters.recycle import RECYCLE_RETRIEVAL, RecycleDrafter
     from rapid.drafters.retrieval import RetrievalDraftConfig, RetrievalDrafter
 
     drafters: list[Drafter] = []
@@ -62,8 +62,8 @@ def build_drafters(runner, draft_ids: list[int], datastore, query_ids: list[int]
         capacity = model_capacity(max_new_tokens, tree_budget)
         drafters.append(ModelDrafter(runner, draft_ids, capacity, config, sampling, generator, shared))
     if use_retrieval and datastore is not None:
-        weight = RECYCLE_RETRIEVAL_WEIGHT if recycle else 1.0
-        drafters.append(RetrievalDrafter(datastore, query_ids, RetrievalDraftConfig(score_weight=weight)))
+        retrieval = RECYCLE_RETRIEVAL if recycle else RetrievalDraftConfig()
+        drafters.append(RetrievalDrafter(datastore, query_ids, retrieval))
     if recycle:
         drafters.append(RecycleDrafter(query_ids, next_tokens))
     return drafters

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from rapid.drafters.recycle import NextTokenTable, RecycleDrafter
-from rapid.drafters.retrieval import RetrievalDrafter
+from rapid.drafters.retrieval import RetrievalDraftConfig, RetrievalDrafter
 from rapid.runner import TopTokens
-from rapid.tree import SOURCE_DRAFT, SOURCE_RETRIEVAL
+from rapid.tree import SOURCE_DRAFT, SOURCE_RETRIEVAL, fuse
 from retrieval.datastore import TokenDatastore
 
 
@@ -36,6 +36,25 @@ def test_retrieval_drafter_copies_from_the_document_and_its_own_answer():
     assert (121, 122) in {path[:2] for path in paths(drafter.propose([119, 120], budget=8))}
     drafter.propose([50, 51, 52, 53], budget=8)
     assert (52, 53) in {path[:2] for path in paths(drafter.propose([50, 51], budget=8))}
+
+
+def test_retrieval_weight_grows_with_the_match_length():
+    """Fused with a recycled guess of probability 0.45, a copy after a 1-token match loses the one free node and a
+    copy after a 4-token match (weight 0.2 + 3 x 0.1 = 0.5) wins it."""
+    config = RetrievalDraftConfig(score_weight=0.2, weight_per_match_token=0.1, max_weight=0.95)
+    assert [config.weight(n) for n in (0, 1, 3, 9, 20)] == pytest.approx([0.2, 0.2, 0.4, 0.95, 0.95])
+    document = [50, 1, 2, 3, 4, 5, 60]
+    recycled = RecycleDrafter([], table_of({(-1, 4): [(9, 0.45)], (3, 4): [(9, 0.45)], (7, 4): [(9, 0.45)]}))
+    short = RetrievalDrafter(TokenDatastore.build([document]), [], config).propose([7, 4], budget=4)
+    assert short.tokens[1] == 5 and short.scores[1] == pytest.approx(0.2)
+    assert fuse([short, recycled.propose([7, 4], budget=4)], 1).tokens == [4, 9]
+    recycled.recent = [-1]
+    long = RetrievalDrafter(TokenDatastore.build([document]), [], config).propose([1, 2, 3, 4], budget=4)
+    assert long.scores[1] == pytest.approx(0.5)
+    assert fuse([long, recycled.propose([1, 2, 3, 4], budget=4)], 1).tokens == [4, 5]
+    for bad in (dict(score_weight=0.0), dict(score_weight=0.5, max_weight=0.4), dict(weight_per_match_token=-0.1)):
+        with pytest.raises(ValueError):
+            RetrievalDraftConfig(**bad)
 
 
 def table_of(rows: dict[tuple[int, int], list[tuple[int, float]]]) -> NextTokenTable:
