@@ -81,9 +81,13 @@ class PreallocatedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.length = 0
 
-    def keep(self, start: int, kept: torch.Tensor) -> None:
-        """Keep tail rows `start + kept` (ascending) at `start .. start+len(kept)`, drop the rest."""
+    def keep(self, start: int, kept: torch.Tensor, in_place: bool = False) -> None:
+        """Keep tail rows `start + kept` (ascending) at `start .. start+len(kept)`, drop the rest (`in_place`: kept
+        is 0, 1, ..., so those rows are there already)."""
         if self.length == 0:
+            return
+        if in_place:
+            self.length = start + len(kept)
             return
         rows = start + kept
         self.keys[:, :, start:start + len(kept)] = self.keys.index_select(2, rows)
@@ -148,6 +152,7 @@ class KVCache(Cache):
         Example: prefix of 10 tokens, a 5-node tree appended at 10..14, accepted path = nodes [0, 2, 3]:
         rows 10, 12, 13 move to 10, 11, 12 and the cache length becomes 13.
         """
+        in_place = bool(torch.equal(kept, torch.arange(len(kept))))  # the path is the first nodes: no row moves
         with torch.inference_mode():  # the buffers were allocated inside the model's inference forward
             for layer in self.layers:
-                layer.keep(start, kept)
+                layer.keep(start, kept, in_place)

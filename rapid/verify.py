@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rapid.sampling import SamplingConfig, sample, warp
+from rapid.sampling import SamplingConfig, greedy_tokens, sample, warp
 from rapid.tree import TokenTree
 
 
@@ -65,7 +65,7 @@ def rapid_target(target_probs: torch.Tensor, draft_probs: torch.Tensor, eta: flo
 
 def accept_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Acceptance:
     """target_logits [N, V] -> the longest path of argmax matches and the bonus token."""
-    best = target_logits.argmax(-1).tolist()
+    best = greedy_tokens(target_logits).tolist()
     children = tree.children()
     node, path = 0, [0]
     while True:

@@ -21,9 +21,11 @@ def test_chunked_prefill_matches_one_pass(tiny, tiny_runner):
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_commit_equals_decoding_the_accepted_path(tiny_runner):
+@pytest.mark.parametrize("path, path_tokens", [([0, 2, 3], [5, 7, 8]), ([0, 1], [5, 6]), ([0], [5])])
+def test_commit_equals_decoding_the_accepted_path(tiny_runner, path, path_tokens):
+    """Rows move where the path skips a node; a path of the first nodes (0, 1, ...) stays where it is."""
     prompt = list(range(10, 30))
-    # tree: 0 -> (1, 2), 2 -> 3, 3 -> 4; accepted path 0, 2, 3
+    # tree: 0 -> (1, 2), 2 -> 3, 3 -> 4
     tokens = torch.tensor([5, 6, 7, 8, 9])
     parents = [-1, 0, 0, 2, 3]
     depths = torch.tensor([0, 1, 1, 2, 3])
@@ -36,9 +38,9 @@ def test_commit_equals_decoding_the_accepted_path(tiny_runner):
     cache = tiny_runner.new_cache(64)
     tiny_runner.prefill(cache, prompt)
     tiny_runner.score_tree(cache, tokens, depths, mask)
-    cache.commit(len(prompt), torch.tensor([0, 2, 3]))
-    expected = _decode_path(tiny_runner, prompt, [5, 7, 8])
-    assert cache.length == expected.length == len(prompt) + 3
+    cache.commit(len(prompt), torch.tensor(path))
+    expected = _decode_path(tiny_runner, prompt, path_tokens)
+    assert cache.length == expected.length == len(prompt) + len(path)
     for ours, theirs in zip(cache.layers, expected.layers, strict=True):
         torch.testing.assert_close(ours.keys[:, :, :cache.length], theirs.keys[:, :, :cache.length])
         torch.testing.assert_close(ours.values[:, :, :cache.length], theirs.values[:, :, :cache.length])

@@ -1,6 +1,6 @@
 import torch
 
-from rapid.sampling import SamplingConfig, sample, warp
+from rapid.sampling import SamplingConfig, greedy_tokens, sample, warp
 
 
 def test_greedy_is_one_hot_argmax():
@@ -26,3 +26,12 @@ def test_sampling_follows_the_distribution():
     draws = sample(probs.expand(20000, 3), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / 20000
     assert (freq - probs).abs().max() < 0.02
+
+
+def test_greedy_tokens_take_the_first_of_tied_bf16_logits():
+    """Widening bf16 to fp32 is exact, so the ids are torch's bf16 argmax ids, the first on a tie (bf16 ties often)."""
+    logits = torch.randn(64, 300).bfloat16()
+    logits[:, 17] = logits[:, 200] = 9.0
+    assert greedy_tokens(logits).tolist() == [17] * 64
+    logits = torch.randn(8, 49152).bfloat16()
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
