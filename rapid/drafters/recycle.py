@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
+import numpy as np
 import torch
 
 from rapid.drafters.retrieval import RetrievalDraftConfig
@@ -41,8 +42,10 @@ Row = tuple[tuple[int, ...], tuple[float, ...]]  # next tokens, most probable fi
 class NextTokenTable:
     """The target's top-k next tokens after (previous token, token) and after a token alone.
 
-    A later row for the same key replaces the earlier one. Example: rows for the sequence [5, 6, 5] key
-    (-1, 5), (5, 6) and (6, 5); `get(9, 5)` finds no pair (9, 5) and falls back to the last row after 5.
+    A prefill's table (`from_prefill`) keeps, for a context seen more than once, the mean of the target's
+    distributions after it; `update` (the request's own rows) lets a later row replace the earlier one.
+    Example: rows for the sequence [5, 6, 5] key (-1, 5), (5, 6) and (6, 5); `get(9, 5)` finds no pair (9, 5)
+    and falls back to the row after 5 alone.
     """
 
     def __init__(self, base: NextTokenTable | None = None):
@@ -52,11 +55,20 @@ class NextTokenTable:
 
     @classmethod
     def from_prefill(cls, token_ids: list[int], top: TopTokens) -> NextTokenTable:
-        """The table of a prefill: row i of `top` follows token_ids[i]."""
+        """The table of a prefill: row i of `top` follows token_ids[i]. Each context's row is the mean of the
+        target's top-k distributions after its occurrences (a token outside one occurrence's top-k counts 0
+        there), cut to the k most probable. In the replay of the module docstring the mean beat the last
+        occurrence's row: 2.32 against 2.25 tokens per forward with 4-node trees, 2.73 against 2.63 with 8."""
         if len(token_ids) != top.tokens.shape[0]:
             raise ValueError(f"{len(token_ids)} tokens but {top.tokens.shape[0]} rows of next tokens")
         table = cls()
-        table.update([-1, *token_ids[:-1]], token_ids, top.tokens.tolist(), top.probs.tolist())
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        previous = np.concatenate([[-1], tokens[:-1]])
+        next_tokens, next_probs = top.tokens.numpy().astype(np.int64), top.probs.numpy().astype(np.float64)
+        width = int(max(tokens.max(initial=0), next_tokens.max(initial=0))) + 2  # codes (previous + 1) * width + token
+        pairs = _mean_rows((previous + 1) * width + tokens, next_tokens, next_probs)
+        table.pairs = {(code // width - 1, code % width): row for code, row in pairs.items()}
+        table.singles = _mean_rows(tokens, next_tokens, next_probs)
         return table
 
     def update(self, previous: list[int], tokens: list[int], next_tokens: list[list[int]],
@@ -81,6 +93,30 @@ class NextTokenTable:
                 return row
             table = table.base
         return None
+
+
+def _mean_rows(contexts: np.ndarray, next_tokens: np.ndarray, next_probs: np.ndarray) -> dict[int, Row]:
+    """contexts [T] int codes, next_tokens / next_probs [T, k] -> {context: its mean row, the k most probable
+    first (ties: the lower token id)}."""
+    if len(contexts) == 0:
+        return {}
+    k = next_tokens.shape[1]
+    keys, inverse, counts = np.unique(contexts, return_inverse=True, return_counts=True)
+    width = int(next_tokens.max(initial=0)) + 1
+    codes, slots = np.unique(np.repeat(inverse, k) * width + next_tokens.reshape(-1), return_inverse=True)
+    mass = np.bincount(slots, weights=next_probs.reshape(-1), minlength=len(codes))
+    context, token = codes // width, codes % width
+    order = np.lexsort((token, -mass, context))  # by context, then mass descending, then token id
+    context, token, mass = context[order], token[order], mass[order]
+    rank = np.arange(len(context)) - np.searchsorted(context, context)
+    keep = rank < k
+    context, token, mean = context[keep], token[keep], mass[keep] / counts[context[keep]]
+    bounds = np.flatnonzero(np.diff(context)) + 1
+    rows = {}
+    for group, tokens, probs in zip(np.split(context, bounds), np.split(token, bounds), np.split(mean, bounds),
+                                    strict=True):
+        rows[int(keys[group[0]])] = (tuple(tokens.tolist()), tuple(probs.tolist()))
+    return rows
 
 
 class RecycleDrafter:

@@ -64,19 +64,37 @@ def table_of(rows: dict[tuple[int, int], list[tuple[int, float]]]) -> NextTokenT
     return table
 
 
-def test_next_token_table_prefers_the_pair_then_the_latest_single_then_its_base():
+def test_next_token_table_prefers_the_pair_then_the_single_then_its_base():
     top = TopTokens(torch.tensor([[1, 2], [3, 4], [7, 8]], dtype=torch.int32),
                     torch.tensor([[0.5, 0.2], [0.6, 0.1], [0.9, 0.05]]))
     document = NextTokenTable.from_prefill([5, 6, 5], top)  # keys (-1, 5), (5, 6), (6, 5)
     assert document.get(-1, 5)[0] == (1, 2) and document.get(6, 5)[0] == (7, 8)
-    assert document.get(9, 5)[0] == (7, 8)  # no pair (9, 5): the last row after 5
+    assert document.get(9, 5)[0] == (7, 1)  # no pair (9, 5): the mean row after 5, 7 (.45) and 1 (.25)
     assert document.get(9, 4) is None
     request = NextTokenTable(base=document)
     request.update([9], [5], [[11]], [[0.3]])
     assert request.get(6, 5)[0] == (7, 8)  # the document's pair beats the request's single
-    assert request.get(2, 5)[0] == (11,) and document.get(2, 5)[0] == (7, 8)  # the document is never written
+    assert request.get(2, 5)[0] == (11,) and document.get(2, 5)[0] == (7, 1)  # the document is never written
     with pytest.raises(ValueError, match="rows of next tokens"):
         NextTokenTable.from_prefill([5, 6], top)
+
+
+def test_prefill_table_keeps_the_mean_of_every_occurrence():
+    """The pair (3, 4) occurs three times: 9 is the target's first guess once at 0.9 and second twice at 0.3, so its
+    mean 0.5 beats 8 (0.6 + 0.6 + 0 over 3 = 0.4) though the last occurrence ranked 8 first; a request's rows
+    replace."""
+    ids = [3, 4, 3, 4, 3, 4]
+    top = TopTokens(torch.tensor([[4, 0], [9, 7], [4, 0], [8, 9], [4, 0], [8, 9]], dtype=torch.int32),
+                    torch.tensor([[1.0, 0.0], [0.9, 0.05], [1.0, 0.0], [0.6, 0.3], [1.0, 0.0], [0.6, 0.3]]))
+    table = NextTokenTable.from_prefill(ids, top)
+    tokens, probs = table.get(3, 4)
+    assert tokens == (9, 8) and probs == pytest.approx([0.5, 0.4])
+    assert table.get(-1, 3)[0] == (4, 0) and table.get(4, 3)[0] == (4, 0)
+    assert table.singles[4] == table.pairs[(3, 4)]
+    table.update([3], [4], [[7]], [[0.8]])
+    assert table.get(3, 4) == ((7,), (0.8,))
+    empty = NextTokenTable.from_prefill([], TopTokens(torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2)))
+    assert empty.get(3, 4) is None
 
 
 def test_recycle_drafter_grows_the_most_probable_paths_first():
